@@ -1,0 +1,34 @@
+# Two entry points a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Pinned: this wheel lies on disk as a CPU build; a bare `torch` downloads a multi-GB CUDA one.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m rece_tool.tiny demo/models/tiny-sd15.safetensors
+	$(BIN)/rece-tool sanitize manifests/demo.toml --overwrite
+
+bench: $(STAMP)
+	$(BIN)/python bench/sanitize_vs_copy.py
+
+clean:
+	rm -rf demo/sanitized demo/models .pytest_cache

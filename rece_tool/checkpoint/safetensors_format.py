@@ -1,0 +1,343 @@
+"""The safetensors format, read with every bound checked and written by streaming.
+
+The format (https://github.com/huggingface/safetensors):
+
+    [8 bytes]  N, little-endian u64: the header length
+    [N bytes]  UTF-8 JSON object: {"__metadata__": {str: str}?,
+                                   name: {"dtype": D, "shape": [int...], "data_offsets": [b, e]}...}
+               (may be right-padded with spaces)
+    [rest]     the data region; offsets are relative to its first byte
+
+What we enforce before trusting a byte of it:
+- 8 ≤ N + 8 ≤ file size, and N ≤ MAX_HEADER_BYTES (a hostile length cannot make us allocate);
+- the header is a JSON object, no duplicate names, nesting no deeper than the format needs;
+- `__metadata__` maps strings to strings;
+- every tensor has a known dtype, a shape of non-negative ints, `e - b == numel · itemsize`;
+- the tensors, sorted by offset, are contiguous and cover the data region exactly
+  (no overlap, no gap, no trailing bytes).
+
+The rest of the code never parses these bytes itself: it asks for a `Header`, reads tensors
+with `read_tensor`, and writes edited copies with `write_edited`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from ..errors import CheckpointError, WriteFailure
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
+MAX_TENSORS = 1_000_000
+MAX_JSON_DEPTH = 4  # {name: {"shape": [..], "data_offsets": [..]}} is depth 3
+COPY_CHUNK = 16 * 1024 * 1024
+
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_DTYPE = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # relative to the data region
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class Header:
+    path: Path
+    header_len: int
+    metadata: dict[str, str]
+    tensors: dict[str, TensorEntry]  # in header order
+    file_size: int
+    raw: bytes = field(repr=False, default=b"")  # the 8 length bytes + the JSON, as on disk
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+    def entries_by_offset(self) -> list[TensorEntry]:
+        return sorted(self.tensors.values(), key=lambda e: (e.begin, e.end))
+
+
+def _fail(path: Path, message: str, key: str | None = None) -> CheckpointError:
+    return CheckpointError(message, path=path, field=key,
+                           hint="the file is not a valid safetensors checkpoint")
+
+
+def _depth(value, level: int = 1) -> int:
+    if isinstance(value, dict):
+        return max([level] + [_depth(v, level + 1) for v in value.values()])
+    if isinstance(value, list):
+        return max([level] + [_depth(v, level + 1) for v in value])
+    return level - 1
+
+
+def _reject_duplicates(pairs):
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def parse_header(path: Path, prefix: bytes, file_size: int) -> Header:
+    """Validate `prefix` (the file's first 8 + N bytes) against the format and `file_size`."""
+    if file_size < 8 or len(prefix) < 8:
+        raise _fail(path, f"file is {file_size} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES:
+        raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + n > file_size:
+        raise _fail(path, f"header length {n} runs past the end of the {file_size}-byte file")
+    if n < 2 or len(prefix) < 8 + n:
+        raise _fail(path, f"header length {n} is too short")
+    raw_json = prefix[8:8 + n]
+    if raw_json[:1] != b"{":
+        raise _fail(path, "header does not start with a JSON object")
+    try:
+        text = raw_json.decode("utf-8")
+        doc = json.loads(text, object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(path, f"header is not valid JSON ({str(exc)[:120]})") from None
+    if not isinstance(doc, dict):
+        raise _fail(path, "header is not a JSON object")
+    if _depth(doc) > MAX_JSON_DEPTH:
+        raise _fail(path, "header nests deeper than the format allows")
+    if len(doc) > MAX_TENSORS:
+        raise _fail(path, f"header lists more than {MAX_TENSORS} tensors")
+
+    metadata = doc.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _fail(path, "metadata values must all be strings", "__metadata__")
+
+    data_size = file_size - 8 - n
+    tensors: dict[str, TensorEntry] = {}
+    for name, info in doc.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise _fail(path, "entry must have exactly dtype, shape and data_offsets", name)
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _fail(path, f"unknown dtype {dtype!r}", name)
+        if not isinstance(shape, list) or not all(
+                type(s) is int and 0 <= s < 2**40 for s in shape) or len(shape) > 8:
+            raise _fail(path, f"shape {shape!r} is not a list of non-negative ints", name)
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)):
+            raise _fail(path, "data_offsets must be two ints", name)
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_size:
+            raise _fail(path, f"data_offsets {offsets} fall outside the {data_size}-byte data region", name)
+        entry = TensorEntry(name, dtype, tuple(shape), begin, end)
+        if entry.numel * DTYPES[dtype][1] != entry.nbytes:
+            raise _fail(path, f"data_offsets span {entry.nbytes} bytes but dtype × shape needs "
+                              f"{entry.numel * DTYPES[dtype][1]}", name)
+        tensors[name] = entry
+
+    cursor = 0
+    for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
+        if entry.begin != cursor:
+            what = "overlaps the previous tensor" if entry.begin < cursor else "leaves a gap before it"
+            raise _fail(path, f"data_offsets {[entry.begin, entry.end]} {what}", entry.name)
+        cursor = entry.end
+    if cursor != data_size:
+        raise _fail(path, f"tensors cover {cursor} of the {data_size} data bytes")
+    return Header(path, n, metadata, tensors, file_size, bytes(prefix[:8 + n]))
+
+
+def read_header(path: str | Path) -> Header:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(8)
+            if len(first) == 8:
+                (n,) = struct.unpack("<Q", first)
+                if n <= MAX_HEADER_BYTES and 8 + n <= size:
+                    first += f.read(n)
+    except IsADirectoryError:
+        raise CheckpointError("is a folder, not a .safetensors file", path=path) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read: {exc.strerror}", path=path) from None
+    return parse_header(path, first, size)
+
+
+def read_tensor(header: Header, name: str) -> torch.Tensor:
+    """One tensor, read with pread into memory of its own (no mmap kept alive)."""
+    entry = header.tensors[name]
+    torch_dtype, _ = DTYPES[entry.dtype]
+    buf = bytearray(entry.nbytes)
+    with open(header.path, "rb") as f:
+        view = memoryview(buf)
+        offset, done = header.data_start + entry.begin, 0
+        while done < entry.nbytes:
+            got = os.preadv(f.fileno(), [view[done:]], offset + done)
+            if got <= 0:
+                raise CheckpointError("file ended while reading a tensor", path=header.path, field=name)
+            done += got
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=torch_dtype)
+    return torch.frombuffer(buf, dtype=torch_dtype).reshape(entry.shape)
+
+
+def read_tensors(header: Header, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    return {name: read_tensor(header, name) for name in names}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Little-endian raw bytes of a contiguous CPU tensor (bf16 included)."""
+    t = tensor.detach().contiguous().cpu()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def serialize_header(header: Header, metadata: Mapping[str, str]) -> bytes:
+    """The 8 length bytes + JSON header for the same tensors with new metadata, space-padded to 8."""
+    doc: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    for e in header.tensors.values():
+        doc[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+@dataclass
+class StreamResult:
+    source_sha256: str  # of the whole source file
+    data_sha256: str    # of the output's data region (ModelSpec's "hash of the tensor data")
+    bytes_written: int
+
+
+def write_edited(header: Header, replacements: Mapping[str, bytes], out_path: Path,
+                 metadata: Callable[[StreamResult], Mapping[str, str]],
+                 placeholder: Mapping[str, str], progress: Callable[[int], None] | None = None,
+                 ) -> StreamResult:
+    """Stream `header.path` to `out_path`, replacing the bytes of the named tensors.
+
+    One pass over the source: every byte is read once, hashed into the source hash, written
+    (or swapped for its replacement), hashed into the output data hash. The header is written
+    first with `placeholder` metadata of the final values' exact lengths, then rewritten in
+    place once `metadata(result)` can be computed from the hashes; its length must not change.
+    The file appears at `out_path` only complete (temporary file in the same folder, fsync,
+    rename); on any failure or interrupt the temporary file is removed.
+    """
+    for name, blob in replacements.items():
+        if len(blob) != header.tensors[name].nbytes:
+            raise ValueError(f"replacement for {name} has {len(blob)} bytes, "
+                             f"expected {header.tensors[name].nbytes}")
+    draft = serialize_header(header, placeholder)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    src_hash, out_hash = hashlib.sha256(), hashlib.sha256()
+    try:
+        with open(header.path, "rb", buffering=0) as src, open(tmp, "xb", buffering=0) as dst:
+            prefix = src.read(header.data_start)
+            if prefix != header.raw:
+                raise CheckpointError("changed while being read", path=header.path)
+            src_hash.update(prefix)
+            _write_all(dst, draft)
+            by_offset = header.entries_by_offset()
+            buf = bytearray(COPY_CHUNK)
+            view = memoryview(buf)
+            i = 0
+            while i < len(by_offset):
+                entry = by_offset[i]
+                if entry.name in replacements:
+                    chunk = _read_exact(src, entry.nbytes, header.path)
+                    src_hash.update(chunk)
+                    new = replacements[entry.name]
+                    out_hash.update(new)
+                    _write_all(dst, new)
+                    if progress:
+                        progress(entry.nbytes)
+                    i += 1
+                    continue
+                # Coalesce a run of untouched tensors into one copy.
+                j = i
+                while j < len(by_offset) and by_offset[j].name not in replacements:
+                    j += 1
+                remaining = by_offset[j - 1].end - entry.begin
+                while remaining:
+                    got = src.readinto(view[:min(COPY_CHUNK, remaining)])
+                    if not got:
+                        raise CheckpointError("file ended early while copying", path=header.path)
+                    part = view[:got]
+                    src_hash.update(part)
+                    out_hash.update(part)
+                    _write_all(dst, part)
+                    remaining -= got
+                    if progress:
+                        progress(got)
+                i = j
+            if src.read(1):
+                raise CheckpointError("changed while being read (grew)", path=header.path)
+            result = StreamResult("0x" + src_hash.hexdigest(), "0x" + out_hash.hexdigest(),
+                                  len(draft) + header.file_size - header.data_start)
+            final = serialize_header(header, metadata(result))
+            if len(final) != len(draft):
+                raise AssertionError("header length changed between draft and final")
+            os.pwrite(dst.fileno(), final, 0)
+            os.fsync(dst.fileno())
+        os.replace(tmp, out_path)
+        return result
+    except OSError as exc:
+        _unlink(tmp)
+        raise WriteFailure(f"writing failed: {exc.strerror or exc}", path=out_path,
+                           hint="check free space and permissions; nothing was left behind") from exc
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _read_exact(f, n: int, path: Path) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise CheckpointError("file ended early while copying", path=path)
+    return data
+
+
+def _write_all(f, data) -> None:
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        view = view[n:]
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,154 @@
+"""What reviewers and machines read: audit.json, report.html, JUnit XML, the stderr summary.
+
+audit.json is schema-versioned (`schema_version`); fields are only ever added within a version.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+from xml.etree import ElementTree as ET
+
+from .audit.gates import Gate
+from .audit.weights import SetMetrics
+
+
+def set_metrics_dict(m: SetMetrics) -> dict:
+    return {
+        "name": m.name,
+        "concepts": [{"concept": c.concept, "guide": c.guide, "erase_residual": c.erase_residual,
+                      "attack_recovery": c.attack_recovery} for c in m.concepts],
+        "preserve_drift": m.preserve_drift,
+        "probe_drift": m.probe_drift,
+        "mean_erase_residual_per_round": m.round_residuals,
+        "max_erase_residual": m.max_erase_residual,
+        "max_attack_recovery": m.max_attack_recovery,
+        "max_preserve_drift": m.max_preserve_drift,
+    }
+
+
+def header_summary(metrics: list[SetMetrics], gates: list[Gate]) -> dict:
+    """The short audit summary carried in the model's own header (deterministic)."""
+    return {
+        "sets": {m.name: {"max_erase_residual": round(m.max_erase_residual, 9),
+                          "max_attack_recovery": round(m.max_attack_recovery, 9),
+                          "max_preserve_drift": round(m.max_preserve_drift, 9)} for m in metrics},
+        "gates_passed": all(g.passed for g in gates),
+    }
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_audit(path: Path, audit: dict) -> None:
+    _atomic_write(path, (json.dumps(audit, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+# --- the human views ---------------------------------------------------------------------------
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def gate_line(g: Gate) -> str:
+    verdict = "PASS" if g.passed else "FAIL"
+    op = "≥" if g.metric.startswith("min_") else "≤"
+    detail = f" ({g.detail})" if g.detail else ""
+    return f"{verdict}  {g.name} = {_fmt(g.value)} {op} {_fmt(g.threshold)}{detail}"
+
+
+def text_summary(audit: dict, folder: Path) -> list[str]:
+    src = audit["checkpoint"]["source"]
+    ema = f" + {src['ema_twins']} EMA twins" if src["ema_twins"] else ""
+    lines = [f"{audit['checkpoint']['name']}: {src['family_title']} {src['layout']} "
+             f"({'/'.join(src['kv_dtypes'])}), {src['kv_count']} K/V matrices{ema} edited "
+             f"(family has {src['family_kv_count']}), {100 * src['share_of_unet_modified']:.2f}% of UNet parameters"]
+    for s in audit["metrics"]["sets"]:
+        lines.append(f"  {s['name']}: erase_residual ≤ {_fmt(s['max_erase_residual'])}, "
+                     f"attack_recovery ≤ {_fmt(s['max_attack_recovery'])}, "
+                     f"preserve_drift ≤ {_fmt(s['max_preserve_drift'])}")
+    for g in audit["gates"]:
+        lines.append("  " + gate_line(Gate(**g)))
+    sig = audit["signature"]
+    state = f"signed by {sig['fingerprint'][:23]}…" if sig["signed"] else f"unsigned: {sig['reason']}"
+    lines.append(f"  → {folder}/ ({state})")
+    return lines
+
+
+def _table(rows: Iterable[Iterable], head: Iterable[str]) -> str:
+    h = "".join(f"<th>{html.escape(str(c))}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(audit: dict) -> str:
+    src = audit["checkpoint"]["source"]
+    e = html.escape
+    parts = [
+        f"<h1>rece-tool audit: {e(audit['checkpoint']['name'])}</h1>",
+        f"<p class=verdict>{'ALL GATES PASSED' if audit['passed'] else 'A GATE FAILED'} · "
+        f"{'signed ' + e(audit['signature'].get('fingerprint', '')) if audit['signature']['signed'] else 'unsigned: ' + e(audit['signature']['reason'])}</p>",
+        "<h2>Gates</h2>",
+        _table([(g["name"], "PASS" if g["passed"] else "FAIL", g["value"], g["threshold"], g["detail"])
+                for g in audit["gates"]], ["gate", "result", "measured", "threshold", "detail"])
+        if audit["gates"] else "<p>No gates configured in the manifest.</p>",
+        "<h2>Source</h2>",
+        _table([(k, v if not isinstance(v, list) else ", ".join(map(str, v))) for k, v in src.items()],
+               ["field", "value"]),
+        "<h2>Concept sets</h2>",
+    ]
+    for cs, m in zip(audit["concept_sets"], audit["metrics"]["sets"]):
+        parts.append(f"<h3>{e(cs['name'])} (preset {e(str(cs['preset']))})</h3>")
+        parts.append(_table([("erase", ", ".join(cs["erase"])), ("guides", ", ".join(map(repr, cs["guides"]))),
+                             ("preserve texts", cs["preserve_count"]), ("epochs", cs["epochs"]),
+                             ("reg", cs["reg"]), ("uce", json.dumps(cs["uce"])),
+                             ("rece", json.dumps(cs["rece"]))], ["setting", "value"]))
+        parts.append(_table([(c["concept"], repr(c["guide"]), c["erase_residual"], c["attack_recovery"])
+                             for c in m["concepts"]], ["concept", "guide", "erase_residual", "attack_recovery"]))
+        drift = sorted(m["preserve_drift"].items(), key=lambda kv: -kv[1])[:20]
+        parts.append(_table([(repr(t), v) for t, v in drift], ["preserve text (top 20 by drift)", "preserve_drift"]))
+        if m["probe_drift"]:
+            parts.append(_table([(repr(t), v) for t, v in m["probe_drift"].items()], ["probe", "drift"]))
+    parts.append("<h2>Output files</h2>")
+    parts.append(_table([(f["path"], f["bytes"], f["data_sha256"]) for f in audit["output"]["files"]],
+                        ["file", "bytes", "tensor data sha256"]))
+    parts.append(f"<p class=meta>rece-tool {e(audit['tool']['version'])} · audit schema "
+                 f"{audit['schema_version']} · torch {e(audit['environment']['torch'])} on "
+                 f"{e(audit['environment']['device'])}</p>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;"
+             "padding:.25em .6em;text-align:left;font-size:.9em}.verdict{font-weight:bold}"
+             ".meta{color:#666;font-size:.8em}")
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>rece-tool audit: "
+            f"{e(audit['checkpoint']['name'])}</title><style>{style}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
+
+
+def write_html(path: Path, audit: dict) -> None:
+    _atomic_write(path, render_html(audit).encode("utf-8"))
+
+
+def write_junit(path: Path, results: list[tuple[str, list[Gate]]]) -> None:
+    """Each gate a test case, one suite per checkpoint."""
+    root = ET.Element("testsuites", name="rece-tool")
+    for name, gates in results:
+        suite = ET.SubElement(root, "testsuite", name=name, tests=str(len(gates)),
+                              failures=str(sum(not g.passed for g in gates)))
+        for g in gates:
+            case = ET.SubElement(suite, "testcase", classname=name, name=g.name)
+            if not g.passed:
+                ET.SubElement(case, "failure", message=gate_line(g))
+    _atomic_write(Path(path), ET.tostring(root, encoding="utf-8", xml_declaration=True))

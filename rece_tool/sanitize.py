@@ -1,0 +1,305 @@
+"""One checkpoint through the whole flow of DESIGN.md §1: open, embed, erase, audit, write, sign.
+
+The CLI calls `sanitize_checkpoint` per checkpoint and `plan` for `--dry-run`; everything the
+user can get wrong surfaces as a `ReceError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__, erase, provenance, report
+from .audit import gates as gate_rules
+from .audit.weights import SetMetrics, audit_set
+from .checkpoint.layout import Checkpoint, WeightFile, open_checkpoint
+from .checkpoint.safetensors_format import read_tensor, tensor_bytes, write_edited
+from .erase import ConceptSetMath, EraseTarget
+from .errors import BadInput
+from .manifest import CheckpointSpec, ConceptSet, Manifest
+from .output import copy_file, staged_output
+from .text import Embedding, TextEmbedder
+
+AUDIT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class Options:
+    device: str = "auto"
+    overwrite: bool = False
+    quiet: bool = False
+    signing_key: Any = None           # a signing.SigningKey, already loaded and checked
+    progress: Callable[..., Any] | None = None  # tqdm-like factory; None: no bars
+
+
+@dataclass
+class CheckpointResult:
+    name: str
+    folder: Path
+    audit: dict
+    gates: list[gate_rules.Gate]
+    signed: bool
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise BadInput("CUDA is not available on this machine", field="--device", hint="use --device cpu")
+    return torch.device(choice)
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+def plan(manifest: Manifest, checkpoints: list[CheckpointSpec]) -> list[dict]:
+    """What a run would do: each checkpoint opened (headers only) and its resolved concept sets."""
+    out = []
+    for spec in checkpoints:
+        ckpt = open_checkpoint(spec.path)
+        out.append({
+            "checkpoint": spec.name, "path": str(spec.path), "layout": ckpt.layout.name,
+            "family": ckpt.family.title, "kv_count": ckpt.kv_count, "ema_twins": ckpt.ema_count,
+            "dtypes": list(ckpt.kv_dtypes), "output": str(manifest.output_dir / spec.name),
+            "concept_sets": [cs.settings() for cs in manifest.sets_for(spec)],
+        })
+    return out
+
+
+# --- one checkpoint ----------------------------------------------------------------------------
+
+def _texts_of(sets: list[ConceptSet]) -> list[str]:
+    texts: list[str] = []
+    for cs in sets:
+        texts += [*cs.erase, *cs.guides, *cs.preserve, *cs.probes]
+    return list(dict.fromkeys(texts))
+
+
+def _math_spec(cs: ConceptSet, emb: dict[str, Embedding]) -> ConceptSetMath:
+    targets = [EraseTarget(e, emb[e].rows, emb[e].tokens, g, emb[g].rows, emb[g].tokens)
+               for e, g in zip(cs.erase, cs.guides)]
+    return ConceptSetMath(cs.name, targets, [emb[p].rows for p in cs.preserve],
+                          cs.uce, cs.rece, cs.epochs, cs.reg)
+
+
+def _bar(options: Options, **kwargs):
+    if options.progress is None or options.quiet:
+        return None
+    return options.progress(**kwargs)
+
+
+def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Options) -> CheckpointResult:
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
+    device = resolve_device(options.device)
+    ckpt = open_checkpoint(spec.path)
+    sets = manifest.sets_for(spec)
+
+    source_kv: dict[tuple[int, str], torch.Tensor] = {}
+    for i, wf in enumerate(ckpt.weight_files):
+        for key in wf.kv_keys:
+            w = read_tensor(wf.header, key)
+            erase.check_finite(w, f"{wf.header.path}: {key}")
+            source_kv[(i, key)] = w
+    source_gram = erase.gram(source_kv.values())
+    lap("read_kv")
+
+    embedder = TextEmbedder(ckpt, spec.tokenizer, device)
+    lap("load_text_encoder")
+    texts = _texts_of(sets)
+    bar = _bar(options, total=len(texts), desc=f"{spec.name}: embedding texts", unit="text")
+    emb = embedder.embed(texts, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    lap("embed")
+
+    transform = torch.eye(ckpt.kv_width, dtype=torch.float64)
+    solved: list[tuple[ConceptSet, ConceptSetMath, erase.SetResult]] = []
+    for cs in sets:
+        math = _math_spec(cs, emb)
+        result = erase.concept_set_transform(source_gram, transform, math)
+        transform = result.transform
+        solved.append((cs, math, result))
+    lap("erase")
+
+    set_metrics = [audit_set(math, list(cs.preserve), {p: emb[p].rows for p in cs.probes},
+                             transform, result.rounds, source_gram)
+                   for cs, math, result in solved]
+    gates = _evaluate_gates(manifest, set_metrics)
+    lap("audit")
+
+    settings = [cs.settings() for cs in sets]
+    summary = report.header_summary(set_metrics, gates)
+    sign_key = options.signing_key if all(g.passed for g in gates) else None
+    with staged_output(manifest.output_dir, spec.name, options.overwrite) as staging:
+        files, layer_change = _write_model(ckpt, spec, staging, transform, settings, summary, device, options)
+        lap("write")
+        audit = _audit_document(manifest, spec, ckpt, settings, set_metrics, layer_change, gates,
+                                files, timings, device, options.signing_key, sign_key)
+        report.write_audit(staging / "audit.json", audit)
+        report.write_html(staging / "report.html", audit)
+        if sign_key is not None:
+            from .signing import sign_folder
+            sign_folder(staging, sign_key, f"{spec.name}.sig")
+            lap("sign")
+    return CheckpointResult(spec.name, manifest.output_dir / spec.name, audit, gates, sign_key is not None)
+
+
+def _evaluate_gates(manifest: Manifest, metrics: list[SetMetrics]) -> list[gate_rules.Gate]:
+    a = manifest.audit
+    gates = []
+    for m in metrics:
+        if a.max_erase_residual is not None:
+            worst = max(m.concepts, key=lambda c: c.erase_residual)
+            gates.append(gate_rules.at_most(f"{m.name}: erase_residual", "max_erase_residual",
+                                            worst.erase_residual, a.max_erase_residual,
+                                            f"worst concept: {worst.concept!r}"))
+        if a.max_attack_recovery is not None:
+            worst = max(m.concepts, key=lambda c: c.attack_recovery)
+            gates.append(gate_rules.at_most(f"{m.name}: attack_recovery", "max_attack_recovery",
+                                            worst.attack_recovery, a.max_attack_recovery,
+                                            f"worst concept: {worst.concept!r}"))
+        if a.max_preserve_drift is not None:
+            text, value = max(m.preserve_drift.items(), key=lambda kv: kv[1])
+            gates.append(gate_rules.at_most(f"{m.name}: preserve_drift", "max_preserve_drift",
+                                            value, a.max_preserve_drift, f"worst text: {text!r}"))
+    return gates
+
+
+def _edited_bytes(wf: WeightFile, key: str, transform: torch.Tensor,
+                  device: torch.device) -> tuple[bytes, float]:
+    w = read_tensor(wf.header, key)
+    erase.check_finite(w, f"{wf.header.path}: {key}")
+    new = erase.apply_transform(w.to(device), transform).cpu()
+    w64 = w.to(torch.float64)
+    change = float(torch.linalg.norm(new.to(torch.float64) - w64) / max(float(torch.linalg.norm(w64)), 1e-300))
+    return tensor_bytes(new), change
+
+
+def _write_model(ckpt: Checkpoint, spec: CheckpointSpec, staging: Path, transform: torch.Tensor,
+                 settings: list[dict], summary: dict, device: torch.device, options: Options):
+    date = provenance.release_date()
+    if ckpt.is_folder:
+        model_root = staging / spec.name
+        rewritten = {wf.relpath for wf in ckpt.weight_files}
+        for src in sorted(ckpt.path.rglob("*")):
+            rel = src.relative_to(ckpt.path)
+            dst = model_root / rel
+            if src.is_dir() and not src.is_symlink():
+                dst.mkdir(parents=True, exist_ok=True)
+            elif rel not in rewritten:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                copy_file(src, dst)
+    else:
+        model_root = staging
+
+    files, layer_change = [], {}
+    total = sum(wf.header.file_size for wf in ckpt.weight_files)
+    bar = _bar(options, total=total, desc=f"{spec.name}: writing", unit="B", unit_scale=True,
+               unit_divisor=1024)
+    for wf in ckpt.weight_files:
+        replacements: dict[str, bytes] = {}
+        for key in wf.kv_keys:
+            replacements[key], layer_change[str(wf.relpath) + ":" + key if ckpt.is_folder else key] = \
+                _edited_bytes(wf, key, transform, device)
+        for key, twin in wf.ema_twins.items():
+            replacements[twin], layer_change[twin] = _edited_bytes(wf, twin, transform, device)
+        out_path = (model_root / wf.relpath) if ckpt.is_folder else staging / f"{spec.name}.safetensors"
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        title = wf.header.metadata.get("modelspec.title", spec.name)
+
+        def meta(result=None, _title=title, _wf=wf):
+            hashes = {} if result is None else {"source_sha256": result.source_sha256,
+                                                "data_sha256": result.data_sha256}
+            return provenance.header_metadata(
+                _wf.header.metadata, architecture=ckpt.family.modelspec_architecture, title=_title,
+                concept_sets=settings, audit_summary=summary, date=date, **hashes)
+
+        result = write_edited(wf.header, replacements, out_path, meta, meta(),
+                              progress=bar.update if bar else None)
+        files.append({
+            "path": str(out_path.relative_to(staging)),
+            "source": str(wf.header.path),
+            "source_sha256": result.source_sha256,
+            "data_sha256": result.data_sha256,
+            "header_sha256": _header_sha256(out_path),
+            "bytes": result.bytes_written,
+        })
+    if bar:
+        bar.close()
+    return files, layer_change
+
+
+def _header_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(0)
+        return "0x" + hashlib.sha256(f.read(8 + n)).hexdigest()
+
+
+def _audit_document(manifest, spec, ckpt: Checkpoint, settings, set_metrics, layer_change, gates,
+                    files, timings, device, configured_key, sign_key) -> dict:
+    if configured_key is None:
+        signature = {"signed": False, "reason": "no signing key configured (output.signing_key or RECE_SIGNING_KEY)"}
+    elif sign_key is None:
+        signature = {"signed": False, "reason": "a gate failed: failed outputs are never signed",
+                     "fingerprint": configured_key.fingerprint}
+    else:
+        signature = {"signed": True, "file": f"{spec.name}.sig", "fingerprint": sign_key.fingerprint,
+                     "format": "OpenSSF Model Signing v1.0 (sigstore bundle, EC key)"}
+    return {
+        "schema": "rece-tool/audit",
+        "schema_version": AUDIT_SCHEMA_VERSION,
+        "tool": {"name": "rece-tool", "version": __version__},
+        "checkpoint": {
+            "name": spec.name,
+            "source": {
+                "path": str(spec.path), "layout": ckpt.layout.name, "family": ckpt.family.name,
+                "family_title": ckpt.family.title,
+                "architecture": ckpt.family.modelspec_architecture,
+                "kv_dtypes": list(ckpt.kv_dtypes), "kv_count": ckpt.kv_count,
+                "family_kv_count": ckpt.family.real_kv_count, "ema_twins": ckpt.ema_count,
+                "unet_params": ckpt.unet_params, "kv_params": ckpt.kv_params,
+                "share_of_unet_modified": ckpt.kv_params / max(ckpt.unet_params, 1),
+                "tokenizer": str(spec.tokenizer) if spec.tokenizer else None,
+            },
+        },
+        "manifest": {"path": str(manifest.path), "sha256": _file_sha256(manifest.path)},
+        "output": {"files": files},
+        "concept_sets": settings,
+        "metrics": {
+            "sets": [report.set_metrics_dict(m) for m in set_metrics],
+            "changed_tensors": len(layer_change),
+            "layer_relative_change": layer_change,
+        },
+        "gates": [g.as_dict() for g in gates],
+        "passed": all(g.passed for g in gates),
+        "signature": signature,
+        "timings_s": timings,
+        "environment": {
+            "python": sys.version.split()[0], "torch": torch.__version__, "device": str(device),
+            "platform": platform.platform(), "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
+        },
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    return "0x" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
