@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import (EXIT_BAD_INPUT, EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, BadInput,
+from .errors import (EXIT_GATE_FAILED, EXIT_INTERNAL, EXIT_OK, BadInput,
                      ReceError, SigningError)
 
 EXIT_INTERRUPTED = 130

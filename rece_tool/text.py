@@ -55,25 +55,34 @@ def clip_bpe_path() -> Path:
                          hint="pip install openai-clip, or set `tokenizer` in the manifest to a tokenizer folder")
 
 
-@lru_cache(maxsize=4)
-def clip_tokenizer(pad: str = "eos"):
-    """The CLIP BPE tokenizer built from the vocabulary shipped by `openai-clip`.
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's BPE vocabulary, built as OpenAI's simple_tokenizer builds it.
 
-    Built as OpenAI's simple_tokenizer builds it: the 256 byte symbols, the same with `</w>`,
-    the merges, then the two special tokens (49,408 entries).
+    The 256 byte symbols, the same with `</w>`, the merges, then the two special tokens:
+    49,408 entries. (Callers get copies: the cache must not be mutated.)
     """
-    from transformers import CLIPTokenizer
-
-    path = clip_bpe_path()
-    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    lines = gzip.open(clip_bpe_path(), "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+@lru_cache(maxsize=2)
+def clip_tokenizer(pad: str = "eos"):
+    """The CLIP BPE tokenizer from the vocabulary `openai-clip` ships; pad `eos` or `zero` (id 0).
+
+    Built from `vocab=`/`merges=`: in transformers 5 `CLIPTokenizer(vocab_file=...)` is
+    silently ignored and yields a 3-token tokenizer.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
     pad_token = "<|endoftext|>" if pad == "eos" else "!"  # "!" is id 0, OpenCLIP's pad
-    return CLIPTokenizer(vocab=vocab, merges=merges,
-                         pad_token=pad_token, model_max_length=MAX_TOKENS)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token,
+                         model_max_length=MAX_TOKENS)
 
 
 def load_tokenizer(folder: Path | None, pad: str):

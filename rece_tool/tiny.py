@@ -30,17 +30,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import importlib.util
 import json
 import os
 import shutil
 import sys
 import uuid
-from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from .text import clip_bpe_path, clip_tokenizer, clip_vocab_and_merges
 
 __all__ = [
     "SD15_UNET_CONFIG",
@@ -579,7 +578,7 @@ def write_sd1_diffusers(folder, seed: int = 0, dtype: torch.dtype = torch.float3
 def _write_slow_tokenizer_files(tok_dir: Path) -> None:
     # transformers 5 saves only tokenizer.json; older readers (and our own fallback) read
     # vocab.json + merges.txt, which is what real SD 1.x folders ship.
-    vocab, merges = _clip_vocab_and_merges()
+    vocab, merges = clip_vocab_and_merges()
     if not (tok_dir / "vocab.json").exists():
         (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     if not (tok_dir / "merges.txt").exists():
@@ -600,70 +599,6 @@ def _write_slow_tokenizer_files(tok_dir: Path) -> None:
             + "\n",
             encoding="utf-8",
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
-
-def clip_bpe_path() -> Path:
-    """The CLIP BPE vocabulary the ``openai-clip`` package ships (located, never imported:
-    importing ``clip`` pulls in torchvision and ftfy for nothing)."""
-    spec = importlib.util.find_spec("clip")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        p = Path(loc) / "bpe_simple_vocab_16e6.txt.gz"
-        if p.is_file():
-            return p
-    raise FileNotFoundError(
-        "CLIP BPE vocabulary not found: install the `openai-clip` package "
-        "(it ships clip/bpe_simple_vocab_16e6.txt.gz)"
-    )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # OpenAI's simple_tokenizer byte <-> printable-unicode table; its order fixes the first 256 ids.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-@lru_cache(maxsize=None)
-def _clip_vocab_and_merges_cached(bpe_file: str) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    lines = gzip.open(bpe_file).read().decode("utf-8").split("\n")
-    # Exactly the slice OpenAI's tokenizer uses: 49408 = 256 bytes * 2 + merges + 2 specials.
-    merges = tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])
-    base = list(_bytes_to_unicode().values())
-    vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return tuple((tok, i) for i, tok in enumerate(vocab)), merges
-
-
-def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    vocab, merges = _clip_vocab_and_merges_cached(str(clip_bpe_path()))
-    return dict(vocab), list(merges)
-
-
-def clip_tokenizer():
-    """The real CLIP BPE tokenizer (49408 tokens, pad ``<|endoftext|>``, 77 positions), offline.
-
-    Built from ``vocab=``/``merges=``: in transformers 5 ``CLIPTokenizer(vocab_file=...)`` is
-    silently ignored and yields a 3-token tokenizer.
-    """
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_vocab_and_merges()
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    if len(tok) != 49408:
-        raise RuntimeError(f"CLIP tokenizer built with {len(tok)} tokens, expected 49408")
-    return tok
 
 
 # --------------------------------------------------------------------------------------------
