@@ -25,10 +25,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m rece_tool.tiny demo/models/tiny-sd15.safetensors
+	test -f demo/keys/rece-signing-key.pem || $(BIN)/rece-tool keygen demo/keys
 	$(BIN)/rece-tool sanitize manifests/demo.toml --overwrite
+	$(BIN)/rece-tool verify demo/sanitized/tiny-sd15 --public-key demo/keys/rece-signing-key.pub.pem
 
 bench: $(STAMP)
 	$(BIN)/python bench/sanitize_vs_copy.py
 
 clean:
-	rm -rf demo/sanitized demo/models .pytest_cache
+	rm -rf demo/sanitized demo/models demo/keys .pytest_cache

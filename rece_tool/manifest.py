@@ -8,6 +8,7 @@ resolved against the manifest's folder.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -259,7 +260,7 @@ def parse(doc: dict, path: Path) -> Manifest:
                         hint=f"this rece-tool reads version {SCHEMA_VERSION}")
 
     output = _Reader(path, top.get("output", lambda v: v, "a table", default={}), "output")
-    out_dir = base / output.get("dir", _nonempty_str, "a path string", default="sanitized")
+    out_dir = Path(os.path.normpath(base / output.get("dir", _nonempty_str, "a path string", default="sanitized")))
     key = output.get("signing_key", _nonempty_str, "a path string")
     output.done()
     signing_key = _existing(path, base / key, "output.signing_key", want_dir=False) if key else None
