@@ -101,13 +101,17 @@ def _signing_key(manifest, require: bool):
 @click.option("--overwrite", is_flag=True, help="Replace existing output folders.")
 @click.option("--junit", type=click.Path(path_type=Path), help="Write each gate as a JUnit test case.")
 @click.option("--require-signature", is_flag=True, help="Fail (exit 2) when no signing key is configured.")
+@click.option("--shard", metavar="I/N|auto", help="Do only checkpoints k with k mod N = I (auto: "
+              "Kubernetes JOB_COMPLETION_INDEX or Slurm SLURM_ARRAY_TASK_ID).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @_guarded
-def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, require_signature, quiet):
+def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, require_signature, shard, quiet):
     """Erase the manifest's concept sets from its checkpoints, audit, write, sign."""
     from . import manifest as manifest_mod
     from . import report
+    from .resume import already_done
     from .sanitize import Options, plan, sanitize_checkpoint
+    from .shard import parse_shard, select
 
     manifest = manifest_mod.load(manifest_path)
     checkpoints = list(manifest.checkpoints)
@@ -118,6 +122,10 @@ def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, requi
                 raise BadInput(f"no checkpoint named {name!r}", path=manifest_path, field="--only",
                                hint=f"defined: {', '.join(sorted(known))}")
         checkpoints = [c for c in checkpoints if c.name in only]
+    if shard:
+        index, count = parse_shard(shard)
+        checkpoints = select(checkpoints, index, count)
+        _say(f"rece-tool: shard {index}/{count}: {', '.join(c.name for c in checkpoints) or 'no checkpoints'}")
     if dry_run:
         click.echo(json.dumps({"manifest": str(manifest_path), "output_dir": str(manifest.output_dir),
                                "checkpoints": plan(manifest, checkpoints)}, indent=2))
@@ -126,6 +134,11 @@ def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, requi
                       signing_key=_signing_key(manifest, require_signature), progress=_progress(quiet))
     results = []
     for spec in checkpoints:
+        if not overwrite and (manifest.output_dir / spec.name).exists():
+            reason = already_done(manifest, spec, will_sign=options.signing_key is not None)
+            if reason:
+                _say(f"{spec.name}: skipped, {reason} ({manifest.output_dir / spec.name}/; --overwrite redoes it)")
+                continue
         result = sanitize_checkpoint(manifest, spec, options)
         for line in report.text_summary(result.audit, result.folder):
             _say(line)

@@ -26,6 +26,7 @@ from .erase import ConceptSetMath, EraseTarget
 from .errors import BadInput
 from .manifest import CheckpointSpec, ConceptSet, Manifest
 from .output import copy_file, staged_output
+from .resume import run_fingerprint
 from .text import Embedding, TextEmbedder
 
 AUDIT_SCHEMA_VERSION = 1
@@ -268,6 +269,7 @@ def _audit_document(manifest, spec, ckpt: Checkpoint, settings, set_metrics, lay
     return {
         "schema": "rece-tool/audit",
         "schema_version": AUDIT_SCHEMA_VERSION,
+        "inputs_fingerprint": run_fingerprint(manifest, spec),
         "tool": {"name": "rece-tool", "version": __version__},
         "checkpoint": {
             "name": spec.name,

@@ -1,0 +1,86 @@
+"""Sharding across workers and skip-if-done reruns."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import run_cli, write_manifest
+from rece_tool.errors import BadInput
+from rece_tool.shard import parse_shard, select
+
+NAMES = [f"model-{k}" for k in range(11)]
+
+
+@pytest.mark.parametrize("count", range(1, 8))
+def test_shards_cover_every_checkpoint_exactly_once(count):
+    picked = [name for index in range(count) for name in select(NAMES, index, count)]
+    assert sorted(picked) == sorted(NAMES) and len(picked) == len(NAMES)
+    assert select(NAMES, 0, count) == select(list(NAMES), 0, count)  # deterministic
+
+
+@pytest.mark.parametrize("text,env,expected", [
+    ("2/5", {}, (2, 5)),
+    ("auto", {"JOB_COMPLETION_INDEX": "3", "RECE_SHARD_COUNT": "4"}, (3, 4)),
+    ("auto/6", {"JOB_COMPLETION_INDEX": "5"}, (5, 6)),
+    ("auto", {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"}, (2, 3)),
+    ("auto", {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "1"}, (0, 1)),
+])
+def test_parse_shard(text, env, expected):
+    assert parse_shard(text, env) == expected
+
+
+@pytest.mark.parametrize("text,env,message", [
+    ("5/5", {}, "0 ≤ I < N"),
+    ("1/0", {}, "0 ≤ I < N"),
+    ("one/two", {}, "is not I/N"),
+    ("auto", {}, "neither JOB_COMPLETION_INDEX"),
+    ("auto", {"JOB_COMPLETION_INDEX": "1"}, "RECE_SHARD_COUNT"),
+    ("auto", {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"}, "not a non-negative integer"),
+])
+def test_bad_shard_specs(text, env, message):
+    with pytest.raises(BadInput, match=message):
+        parse_shard(text, env)
+
+
+NUDITY = '[[concept_set]]\nname = "nudity"\npreset = "nudity"\n'
+
+
+def test_shard_flag_runs_only_its_checkpoints(models, tmp_path):
+    src = models("fp32")
+    manifest = write_manifest(tmp_path, [("a", src), ("b", src), ("c", src)], NUDITY)
+    r = run_cli("sanitize", str(manifest), "--quiet", "--shard", "auto",
+                env={"JOB_COMPLETION_INDEX": "1", "RECE_SHARD_COUNT": "2"})
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]
+
+
+def test_skip_if_done_only_when_inputs_and_settings_match(models, tmp_path):
+    src = tmp_path / "model.safetensors"
+    shutil.copyfile(models("fp32"), src)
+    manifest = write_manifest(tmp_path, [("m", src.name)], NUDITY)
+    out = tmp_path / "out" / "m" / "m.safetensors"
+    assert run_cli("sanitize", str(manifest), "--quiet").returncode == 0
+    first = out.stat().st_mtime_ns
+
+    r = run_cli("sanitize", str(manifest), "--quiet")
+    assert r.returncode == 0 and "m: skipped" in r.stderr
+    assert out.stat().st_mtime_ns == first
+
+    # Other settings: not skipped, and not silently replaced either.
+    changed = write_manifest(tmp_path, [("m", src.name)], NUDITY + "epochs = 1\n")
+    r = run_cli("sanitize", str(changed), "--quiet")
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert out.stat().st_mtime_ns == first
+
+    # Other source bytes under the same path: not skipped.
+    manifest = write_manifest(tmp_path, [("m", src.name)], NUDITY)
+    shutil.copyfile(models("fp32", seed=1), src)
+    r = run_cli("sanitize", str(manifest), "--quiet")
+    assert r.returncode == 2 and "already exists" in r.stderr
+
+    # --overwrite forces.
+    r = run_cli("sanitize", str(manifest), "--quiet", "--overwrite")
+    assert r.returncode == 0 and "skipped" not in r.stderr
+    assert out.stat().st_mtime_ns != first
