@@ -23,7 +23,7 @@ from .audit.weights import SetMetrics, audit_set
 from .checkpoint.layout import Checkpoint, WeightFile, open_checkpoint
 from .checkpoint.safetensors_format import read_tensor, tensor_bytes, write_edited
 from .erase import ConceptSetMath, EraseTarget
-from .errors import BadInput
+from .errors import BadInput, NumericError
 from .manifest import CheckpointSpec, ConceptSet, Manifest
 from .output import copy_file, staged_output
 from .resume import run_fingerprint
@@ -136,7 +136,11 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
     solved: list[tuple[ConceptSet, ConceptSetMath, erase.SetResult]] = []
     for cs in sets:
         math = _math_spec(cs, emb)
-        result = erase.concept_set_transform(source_gram, transform, math)
+        try:
+            result = erase.concept_set_transform(source_gram, transform, math)
+        except NumericError as exc:
+            raise NumericError(exc.message, path=manifest.path,
+                               field=f"concept_set {cs.name!r} {exc.field}", hint=exc.hint) from None
         transform = result.transform
         solved.append((cs, math, result))
     lap("erase")
