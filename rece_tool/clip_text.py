@@ -29,6 +29,7 @@ ACTIVATIONS = {
 class ClipTextShape:
     vocab: int
     width: int
+    intermediate: int
     layers: int
     heads: int
     positions: int
@@ -39,8 +40,29 @@ def shape_of(weights: dict[str, torch.Tensor], hidden_act: str, heads: int | Non
     """The architecture, read off the tensor shapes (single files carry no config)."""
     vocab, width = weights["embeddings.token_embedding.weight"].shape
     positions = weights["embeddings.position_embedding.weight"].shape[0]
+    intermediate = weights["encoder.layers.0.mlp.fc1.weight"].shape[0]
     layers = 1 + max(int(k.split(".")[2]) for k in weights if k.startswith("encoder.layers."))
-    return ClipTextShape(vocab, width, layers, heads or max(width // HEAD_DIM, 1), positions, hidden_act)
+    heads = heads or max(width // HEAD_DIM, 1)
+    if width % heads:
+        raise ValueError(f"width {width} is not divisible by {heads} heads")
+    return ClipTextShape(vocab, width, intermediate, layers, heads, positions, hidden_act)
+
+
+def expected_keys(shape: ClipTextShape) -> dict[str, tuple[int, ...]]:
+    """Every tensor the forward pass reads, with its shape."""
+    w, m = shape.width, shape.intermediate
+    keys = {"embeddings.token_embedding.weight": (shape.vocab, w),
+            "embeddings.position_embedding.weight": (shape.positions, w),
+            "final_layer_norm.weight": (w,), "final_layer_norm.bias": (w,)}
+    for i in range(shape.layers):
+        p = f"encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            keys[f"{p}self_attn.{proj}.weight"], keys[f"{p}self_attn.{proj}.bias"] = (w, w), (w,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            keys[f"{p}{norm}.weight"], keys[f"{p}{norm}.bias"] = (w,), (w,)
+        keys[f"{p}mlp.fc1.weight"], keys[f"{p}mlp.fc1.bias"] = (m, w), (m,)
+        keys[f"{p}mlp.fc2.weight"], keys[f"{p}mlp.fc2.bias"] = (w, m), (w,)
+    return keys
 
 
 class ClipTextTransformer:

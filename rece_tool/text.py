@@ -2,8 +2,10 @@
 
 The text encoder always comes from the checkpoint itself. Single files carry no text-encoder
 config, so it is derived from the tensor shapes (attention heads = width / 64 in every SD
-family). The tokenizer is the CLIP BPE: a manifest override, else the diffusers folder's own,
-else the vocabulary file the `openai-clip` package ships (located, never imported).
+family); OpenCLIP towers (SD 2.x, SDXL's second encoder) are renamed into transformers'
+CLIPTextModel layout by the tables below and run as that model. The tokenizer is the CLIP BPE:
+a manifest override, else the diffusers folder's own, else the vocabulary file the `openai-clip`
+package ships (located, never imported); its pad token is always the text encoder's own.
 Nothing here touches the network.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +23,8 @@ from typing import Iterable
 import torch
 
 from .checkpoint.layout import Checkpoint, TextEncoderSource
+from .clip_text import ClipTextTransformer, ClipTokenizer, expected_keys
+from .clip_text import shape_of as clip_shape_of
 from .checkpoint.safetensors_format import read_tensor
 from .errors import CheckpointError, TokenizerError
 from .erase import check_finite
@@ -28,6 +33,8 @@ MAX_TOKENS = 77
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 HEAD_DIM = 64
 BATCH = 64
+# The two pads SD text encoders were trained with: CLIP's `<|endoftext|>`, OpenCLIP's id 0 ("!").
+PAD_TOKENS = {"eos": "<|endoftext|>", "zero": "!"}
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
@@ -80,13 +87,17 @@ def clip_tokenizer(pad: str = "eos"):
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
-    pad_token = "<|endoftext|>" if pad == "eos" else "!"  # "!" is id 0, OpenCLIP's pad
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token,
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=PAD_TOKENS[pad],
                          model_max_length=MAX_TOKENS)
 
 
 def load_tokenizer(folder: Path | None, pad: str):
-    """A tokenizer folder (vocab.json + merges.txt), or the shipped CLIP BPE when `folder` is None."""
+    """A tokenizer folder (vocab.json + merges.txt), or the shipped CLIP BPE when `folder` is None.
+
+    The pad token is the text encoder's (a property of the family, not of the vocabulary), so a
+    manifest override such as SD 1.x's tokenizer folder used for SD 2.x still pads with id 0.
+    Real diffusers folders already carry their family's pad, so this changes nothing for them.
+    """
     if folder is None:
         return clip_tokenizer(pad)
     from transformers import CLIPTokenizer
@@ -100,10 +111,82 @@ def load_tokenizer(folder: Path | None, pad: str):
                              path=folder) from None
     if len(tok) < 49408:
         raise TokenizerError(f"tokenizer has {len(tok)} tokens, expected the 49,408 of CLIP's BPE", path=folder)
+    if tok.pad_token != PAD_TOKENS[pad]:
+        tok.pad_token = PAD_TOKENS[pad]
     return tok
 
 
+def _folder_vocab(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab.json + merges.txt of a tokenizer folder (what SD releases ship)."""
+    try:
+        vocab = json.loads((folder / "vocab.json").read_text("utf-8"))
+        lines = (folder / "merges.txt").read_text("utf-8").splitlines()
+    except FileNotFoundError:
+        raise TokenizerError("not a CLIP tokenizer folder (vocab.json and merges.txt expected)",
+                             path=folder) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TokenizerError(f"unreadable tokenizer files ({exc})", path=folder) from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise TokenizerError("vocab.json is not a map of token to id", path=folder / "vocab.json")
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    if any(len(m) != 2 for m in merges):
+        raise TokenizerError("merges.txt has a line that is not two symbols", path=folder / "merges.txt")
+    return vocab, merges
+
+
+def load_clip_tokenizer(folder: Path | None, pad: str) -> ClipTokenizer:
+    """The tokenizer the embeddings use: a folder's vocab.json + merges.txt, else the shipped BPE.
+
+    The pad token is the text encoder's own (see `load_tokenizer`).
+    """
+    vocab, merges = clip_vocab_and_merges() if folder is None else _folder_vocab(folder)
+    if len(vocab) < 49408:
+        raise TokenizerError(f"tokenizer has {len(vocab)} tokens, expected the 49,408 of CLIP's BPE",
+                             path=folder)
+    try:
+        return ClipTokenizer(dict(vocab), list(merges), PAD_TOKENS[pad], MAX_TOKENS)
+    except (KeyError, Exception) as exc:  # tokenizers raises its own types for bad merges
+        raise TokenizerError(f"cannot build the BPE tokenizer ({type(exc).__name__}: {str(exc)[:100]})",
+                             path=folder) from None
+
+
 # --- text encoders -----------------------------------------------------------------------------
+
+# Tensors the hidden states never use: buffers recomputed on load, and the pooled/contrastive
+# heads (a diffusers SDXL text_encoder_2 is a CLIPTextModelWithProjection; OpenCLIP towers keep
+# their projection and logit scale). The edit needs token rows only.
+HF_CLIP_UNUSED = {"embeddings.position_ids", "text_projection.weight"}
+OPEN_CLIP_UNUSED = {"text_projection", "logit_scale", "attn_mask"}
+
+# OpenCLIP text tower (`cond_stage_model.model.*`, `conditioner.embedders.1.model.*`) →
+# transformers CLIPTextModel names. Whole keys first, then the sub-keys of each residual block
+# `transformer.resblocks.N.*` (→ `encoder.layers.N.*`); OpenCLIP's fused attention input
+# projection (nn.MultiheadAttention's in_proj) holds q, k, v stacked along rows, in that order.
+OPEN_CLIP_TO_HF = {
+    "token_embedding.weight": "embeddings.token_embedding.weight",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_final.weight": "final_layer_norm.weight",
+    "ln_final.bias": "final_layer_norm.bias",
+}
+OPEN_CLIP_BLOCK = "transformer.resblocks."
+HF_CLIP_BLOCK = "encoder.layers."
+OPEN_CLIP_BLOCK_TO_HF = {
+    "ln_1.weight": "layer_norm1.weight",
+    "ln_1.bias": "layer_norm1.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight",
+    "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "ln_2.weight": "layer_norm2.weight",
+    "ln_2.bias": "layer_norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight",
+    "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight",
+    "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+OPEN_CLIP_FUSED_TO_HF = {
+    "attn.in_proj_weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.in_proj_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+}
+
 
 def _hf_clip_weights(source: TextEncoderSource) -> dict[str, torch.Tensor]:
     """transformers CLIPTextModel keys (no `text_model.` level in transformers 5)."""
@@ -111,16 +194,45 @@ def _hf_clip_weights(source: TextEncoderSource) -> dict[str, torch.Tensor]:
     for key in source.header.tensors:
         if not key.startswith(source.prefix):
             continue
-        name = key[len(source.prefix):]
-        if name.startswith("text_model."):
-            name = name[len("text_model."):]
-        if name.endswith("position_ids"):  # a buffer some exporters saved; recomputed on load
+        name = key[len(source.prefix):].removeprefix("text_model.")
+        if name in HF_CLIP_UNUSED:
             continue
         out[name] = read_tensor(source.header, key)
     return out
 
 
-WEIGHT_CONVERTERS = {"hf_clip": _hf_clip_weights}
+def _open_clip_weights(source: TextEncoderSource) -> dict[str, torch.Tensor]:
+    """OpenCLIP text tower → transformers CLIPTextModel keys, by the tables above."""
+    out = {}
+    for key in source.header.tensors:
+        if not key.startswith(source.prefix):
+            continue
+        name = key[len(source.prefix):]
+        if name in OPEN_CLIP_UNUSED:
+            continue
+        if name in OPEN_CLIP_TO_HF:
+            out[OPEN_CLIP_TO_HF[name]] = read_tensor(source.header, key)
+            continue
+        block, _, sub = name.removeprefix(OPEN_CLIP_BLOCK).partition(".")
+        if name.startswith(OPEN_CLIP_BLOCK) and block.isdigit():
+            layer = f"{HF_CLIP_BLOCK}{block}."
+            if sub in OPEN_CLIP_BLOCK_TO_HF:
+                out[layer + OPEN_CLIP_BLOCK_TO_HF[sub]] = read_tensor(source.header, key)
+                continue
+            if sub in OPEN_CLIP_FUSED_TO_HF:
+                fused = read_tensor(source.header, key)
+                if fused.shape[0] % 3:
+                    raise CheckpointError(f"fused q/k/v projection has {fused.shape[0]} rows, not a multiple "
+                                          "of 3", path=source.header.path, field=key)
+                for part, tensor in zip(OPEN_CLIP_FUSED_TO_HF[sub], fused.chunk(3, dim=0)):
+                    out[layer + part] = tensor.contiguous()
+                continue
+        raise CheckpointError("not an OpenCLIP text-tower tensor rece-tool knows", path=source.header.path,
+                              field=key)
+    return out
+
+
+WEIGHT_CONVERTERS = {"hf_clip": _hf_clip_weights, "open_clip": _open_clip_weights}
 
 
 def _derived_config(weights: dict[str, torch.Tensor], source: TextEncoderSource):
@@ -147,16 +259,11 @@ def _derived_config(weights: dict[str, torch.Tensor], source: TextEncoderSource)
 
 
 def load_text_encoder(source: TextEncoderSource, device: torch.device):
+    """A transformers CLIPTextModel, for diffusers pipelines (the image audit); embeddings use
+    the lighter `load_clip_transformer`."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    convert = WEIGHT_CONVERTERS.get(source.layout.weights_format)
-    if convert is None:
-        raise CheckpointError(f"text encoder format {source.layout.weights_format!r} is not supported yet",
-                              path=source.header.path)
-    weights = convert(source)
-    for name, tensor in weights.items():
-        if tensor.is_floating_point():
-            check_finite(tensor, f"{source.header.path}: text encoder tensor {name}")
+    weights = _checked_weights(source)
     if source.config_dir is not None:
         config = CLIPTextConfig.from_pretrained(str(source.config_dir), local_files_only=True)
     else:
@@ -174,24 +281,60 @@ def load_text_encoder(source: TextEncoderSource, device: torch.device):
     return model.to(device).eval()
 
 
-def encoder_fingerprint(source: TextEncoderSource) -> str:
-    """Identifies a text encoder by its tensors' header entries and the file's identity.
+def _checked_weights(source: TextEncoderSource) -> dict[str, torch.Tensor]:
+    convert = WEIGHT_CONVERTERS.get(source.weights_format)
+    if convert is None:
+        raise CheckpointError(f"text encoder format {source.weights_format!r} is not supported",
+                              path=source.header.path)
+    weights = convert(source)
+    for name, tensor in weights.items():
+        if tensor.is_floating_point():
+            check_finite(tensor, f"{source.header.path}: text encoder tensor {name}")
+    return weights
 
-    Two checkpoints share embeddings only if their text encoder tensors are byte-identical,
-    which `embedding_cache_key` checks by hashing the tensor bytes.
-    """
+
+def _folder_config(source: TextEncoderSource) -> dict:
+    try:
+        config = json.loads((source.config_dir / "config.json").read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"unreadable text encoder config ({exc})",
+                              path=source.config_dir / "config.json") from None
+    return config if isinstance(config, dict) else {}
+
+
+def load_clip_transformer(source: TextEncoderSource, weights: dict[str, torch.Tensor],
+                          device: torch.device) -> ClipTextTransformer:
+    """The embedding path's text encoder: our transformers-free forward over `weights`."""
+    act, heads = source.layout.hidden_act, None
+    if source.config_dir is not None:
+        config = _folder_config(source)
+        act, heads = config.get("hidden_act", act), config.get("num_attention_heads")
+    try:
+        shape = clip_shape_of(weights, act, heads if isinstance(heads, int) else None)
+        expected = expected_keys(shape)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"text encoder tensors do not form a CLIP text model ({exc})",
+                              path=source.header.path, field=source.prefix or None) from None
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise CheckpointError("text encoder tensor missing", path=source.header.path,
+                              field=source.prefix + missing[0])
+    for name, tensor in weights.items():
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(f"shape {list(tensor.shape)} does not fit a width-{shape.width} CLIP "
+                                  f"text model (expected {list(expected[name])})",
+                                  path=source.header.path, field=source.prefix + name)
+    return ClipTextTransformer(weights, shape).to(device)
+
+
+def encoder_fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """Names and bytes of a text encoder's tensors: equal fingerprints, equal embeddings."""
     h = hashlib.sha256()
-    for key in sorted(k for k in source.header.tensors if k.startswith(source.prefix)):
-        h.update(key[len(source.prefix):].encode())
-        h.update(tensor_digest(source, key))
+    for name in sorted(weights):
+        t = weights[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def tensor_digest(source: TextEncoderSource, key: str) -> bytes:
-    e = source.header.tensors[key]
-    with open(source.header.path, "rb") as f:
-        f.seek(source.header.data_start + e.begin)
-        return hashlib.sha256(f.read(e.nbytes)).digest()
 
 
 # --- embeddings --------------------------------------------------------------------------------
@@ -203,15 +346,22 @@ class Embedding:
 
 
 class TextEmbedder:
-    """Embeds texts with a checkpoint's text encoder(s); every distinct text is encoded once."""
+    """Embeds texts with a checkpoint's text encoder(s); every distinct text is encoded once.
+
+    Several encoders (SDXL) each tokenize the text with their own tokenizer and their rows are
+    concatenated along the width, in the checkpoint's encoder order.
+    """
 
     def __init__(self, checkpoint: Checkpoint, tokenizer_override: Path | None = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu",
+                 weights: list[dict[str, torch.Tensor]] | None = None):
         self.device = torch.device(device)
-        self.layouts = [s.layout for s in checkpoint.text_encoders]
-        self.tokenizers = [load_tokenizer(tokenizer_override or folder, s.layout.pad)
+        self.rules = [s.hidden_state for s in checkpoint.text_encoders]
+        self.tokenizers = [load_clip_tokenizer(tokenizer_override or folder, s.layout.pad)
                            for s, folder in zip(checkpoint.text_encoders, checkpoint.tokenizer_dirs)]
-        self.encoders = [load_text_encoder(s, self.device) for s in checkpoint.text_encoders]
+        weights = weights or [_checked_weights(s) for s in checkpoint.text_encoders]
+        self.encoders = [load_clip_transformer(s, w, self.device)
+                         for s, w in zip(checkpoint.text_encoders, weights)]
         self.path = checkpoint.path
         self._cache: dict[str, Embedding] = {}
 
@@ -229,19 +379,30 @@ class TextEmbedder:
     @torch.no_grad()
     def _encode(self, texts: list[str]) -> list[Embedding]:
         parts, tokens = [], None
-        for layout, tokenizer, encoder in zip(self.layouts, self.tokenizers, self.encoders):
-            ids = tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                            return_tensors="pt")
+        for rule, tokenizer, encoder in zip(self.rules, self.tokenizers, self.encoders):
+            ids, mask = tokenizer(texts)
+            # The attention mask marks padding by position, not by id, so the count is right
+            # whether the pad is `<|endoftext|>` (= EOS) or id 0; every encoder shares the BPE.
             if tokens is None:
-                tokens = ids["attention_mask"].sum(dim=1).tolist()
-            out = encoder(ids["input_ids"].to(self.device), output_hidden_states=layout.hidden_state != "last")
-            if layout.hidden_state == "last":
-                hidden = out.last_hidden_state
-            elif layout.hidden_state == "penultimate_norm":
-                hidden = encoder.final_layer_norm(out.hidden_states[-2])
-            else:
-                hidden = out.hidden_states[-2]
-            parts.append(hidden.float())
+                tokens = mask.sum(dim=1).tolist()
+            parts.append(encoder.encode(ids.to(self.device), rule).float())
         rows = torch.cat(parts, dim=-1).cpu()
         check_finite(rows, f"{self.path}: text embeddings")
         return [Embedding(rows[i].clone(), int(tokens[i])) for i in range(len(texts))]
+
+
+def embedder_for(checkpoint: Checkpoint, tokenizer_override: Path | None, device: torch.device,
+                 shared: dict[tuple, TextEmbedder]) -> TextEmbedder:
+    """One TextEmbedder per distinct text encoder in a run (fine-tunes of one base share it).
+
+    Keyed by the encoders' tensor bytes, tokenizers and device, so embeddings are reused only
+    when they would come out identical.
+    """
+    weights = [_checked_weights(s) for s in checkpoint.text_encoders]
+    key = (tuple(encoder_fingerprint(w) for w in weights),
+           tuple(str(tokenizer_override or folder) for folder in checkpoint.tokenizer_dirs),
+           tuple((s.layout.pad, s.hidden_state, s.layout.hidden_act) for s in checkpoint.text_encoders),
+           str(device))
+    if key not in shared:
+        shared[key] = TextEmbedder(checkpoint, tokenizer_override, device, weights)
+    return shared[key]

@@ -19,7 +19,9 @@ class TextEncoderLayout:
     single_file_prefixes: tuple[str, ...]  # tried in order; first with keys wins
     weights_format: str               # "hf_clip" (transformers layout) or "open_clip"
     hidden_act: str                   # for single files, which carry no config
-    hidden_state: str                 # "last" (after final LayerNorm), "penultimate_norm", "penultimate"
+    hidden_state: str                 # single files: "last" (after final LayerNorm), "penultimate_norm"
+                                      # (penultimate layer, then the final LayerNorm), "penultimate"
+    folder_hidden_state: str          # diffusers folders: the same rows, from diffusers' copy of the tower
     pad: str                          # "eos" (<|endoftext|>) or "zero" (id 0)
     tokenizer_folder: str             # diffusers folder holding its tokenizer
 
@@ -39,21 +41,23 @@ class Family:
 SD1_CLIP = TextEncoderLayout(
     role="text_encoder",
     single_file_prefixes=("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
-    weights_format="hf_clip", hidden_act="quick_gelu", hidden_state="last", pad="eos",
-    tokenizer_folder="tokenizer")
+    weights_format="hf_clip", hidden_act="quick_gelu", hidden_state="last", folder_hidden_state="last",
+    pad="eos", tokenizer_folder="tokenizer")
+# diffusers' converter drops the last of OpenCLIP ViT-H's 24 blocks (SD 2.x conditions on the
+# penultimate one), so a folder's 23-layer text_encoder gives the same rows as `last`.
 SD2_OPENCLIP = TextEncoderLayout(
     role="text_encoder", single_file_prefixes=("cond_stage_model.model.",),
-    weights_format="open_clip", hidden_act="gelu", hidden_state="penultimate_norm", pad="zero",
-    tokenizer_folder="tokenizer")
+    weights_format="open_clip", hidden_act="gelu", hidden_state="penultimate_norm",
+    folder_hidden_state="last", pad="zero", tokenizer_folder="tokenizer")
 SDXL_CLIP_L = TextEncoderLayout(
     role="text_encoder", single_file_prefixes=("conditioner.embedders.0.transformer.text_model.",
                                                  "conditioner.embedders.0.transformer."),
-    weights_format="hf_clip", hidden_act="quick_gelu", hidden_state="penultimate", pad="eos",
-    tokenizer_folder="tokenizer")
+    weights_format="hf_clip", hidden_act="quick_gelu", hidden_state="penultimate",
+    folder_hidden_state="penultimate", pad="eos", tokenizer_folder="tokenizer")
 SDXL_OPENCLIP_G = TextEncoderLayout(
     role="text_encoder_2", single_file_prefixes=("conditioner.embedders.1.model.",),
-    weights_format="open_clip", hidden_act="gelu", hidden_state="penultimate", pad="zero",
-    tokenizer_folder="tokenizer_2")
+    weights_format="open_clip", hidden_act="gelu", hidden_state="penultimate",
+    folder_hidden_state="penultimate", pad="zero", tokenizer_folder="tokenizer_2")
 
 FAMILIES: tuple[Family, ...] = (
     Family("sd1", "Stable Diffusion 1.x", "stable-diffusion-v1", 768, 32, 859_520_964,

@@ -6,6 +6,7 @@ Nothing here loads the whole model: headers are parsed, and only the tensors ask
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,16 @@ class TextEncoderSource:
     header: Header
     prefix: str                           # key prefix of its tensors in `header` ("" in a folder)
     config_dir: Path | None = None        # diffusers: folder with config.json
+
+    @property
+    def weights_format(self) -> str:
+        """diffusers folders hold every encoder in the transformers layout, OpenCLIP ones too."""
+        return "hf_clip" if self.config_dir is not None else self.layout.weights_format
+
+    @property
+    def hidden_state(self) -> str:
+        """Which rows to take: a folder's copy of the tower may be truncated (SD 2.x)."""
+        return self.layout.folder_hidden_state if self.config_dir is not None else self.layout.hidden_state
 
 
 @dataclass
@@ -121,27 +132,44 @@ def _refuse_unknown_copies(header: Header, layout: Layout, known: set[str], path
                                   "sanitized tensor; refusing to leave it unsanitized", path=path, field=k)
 
 
-def _detect_single_file_family(header: Header, path: Path) -> Family:
-    for family in FAMILIES:
-        if any(k.startswith(family.single_file_marker) for k in header.tensors):
-            return family
-    raise CheckpointError(
-        "unknown layout: no text encoder under cond_stage_model.transformer. (SD1.x), "
-        "cond_stage_model.model. (SD2.x) or conditioner.embedders. (SDXL)", path=path,
-        hint="rece-tool needs the checkpoint's own text encoder; export a full checkpoint")
+# Where a single file's text encoders can sit; used to say what an unknown layout carries.
+TEXT_ENCODER_ROOT = re.compile(r"^(?:cond_stage_model|conditioner\.embedders\.\d+)\.[^.]+\.")
 
 
-def _text_source(header: Header, te: TextEncoderLayout, path: Path) -> TextEncoderSource:
+# The token embedding of each weights format: it names the encoder's width. transformers < 5 and
+# CLIPTextModelWithProjection (SDXL's text_encoder_2) keep a `text_model.` level.
+TOKEN_EMBEDDING_KEYS = {
+    "hf_clip": ("embeddings.token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    "open_clip": ("token_embedding.weight",),
+}
+
+
+def _text_source(header: Header, te: TextEncoderLayout) -> TextEncoderSource | None:
     for prefix in te.single_file_prefixes:
-        if f"{prefix}embeddings.token_embedding.weight" in header.tensors or (
-                te.weights_format == "open_clip" and f"{prefix}token_embedding.weight" in header.tensors):
+        if any(prefix + key in header.tensors for key in TOKEN_EMBEDDING_KEYS[te.weights_format]):
             return TextEncoderSource(te, header, prefix)
-    raise CheckpointError(f"no token embedding found under {te.single_file_prefixes[0]}", path=path,
-                          field=f"{te.single_file_prefixes[0]}token_embedding")
+    return None
+
+
+def _detect_single_file_family(header: Header, path: Path) -> tuple[Family, list[TextEncoderSource]]:
+    """The first family whose every text encoder is present (SDXL needs both of its two)."""
+    for family in FAMILIES:
+        if not any(k.startswith(family.single_file_marker) for k in header.tensors):
+            continue
+        sources = [_text_source(header, te) for te in family.text_encoders]
+        if all(sources):
+            return family, sources
+    found = sorted({m.group(0) + "*" for k in header.tensors if (m := TEXT_ENCODER_ROOT.match(k))})
+    known = "; ".join(f"{f.title}: " + " + ".join(te.single_file_prefixes[0] + "*" for te in f.text_encoders)
+                      for f in FAMILIES)
+    raise CheckpointError(
+        f"unknown layout: text encoder tensors found under {', '.join(found) or 'no known prefix'}; "
+        f"rece-tool knows {known}", path=path,
+        hint="rece-tool needs the checkpoint's own text encoder(s); export a full checkpoint")
 
 
 def _text_width(source: TextEncoderSource) -> int:
-    for key in ("embeddings.token_embedding.weight", "token_embedding.weight"):
+    for key in TOKEN_EMBEDDING_KEYS[source.weights_format]:
         entry = source.header.tensors.get(source.prefix + key)
         if entry is not None:
             return entry.shape[1]
@@ -150,9 +178,8 @@ def _text_width(source: TextEncoderSource) -> int:
 
 def _open_single_file(path: Path) -> Checkpoint:
     header = read_header(path)
-    family = _detect_single_file_family(header, path)
+    family, texts = _detect_single_file_family(header, path)
     kv = _find_kv(header, SINGLE_FILE, path)
-    texts = [_text_source(header, te, path) for te in family.text_encoders]
     width = sum(_text_width(t) for t in texts)
     _check_width(kv, header, width, path)
 
