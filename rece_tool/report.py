@@ -80,6 +80,12 @@ def text_summary(audit: dict, folder: Path) -> list[str]:
         lines.append(f"  {s['name']}: erase_residual ≤ {_fmt(s['max_erase_residual'])}, "
                      f"attack_recovery ≤ {_fmt(s['max_attack_recovery'])}, "
                      f"preserve_drift ≤ {_fmt(s['max_preserve_drift'])}")
+    img = audit.get("images") or {}
+    if img.get("enabled"):
+        n = img["summary"]
+        lines.append(f"  images: {n['nude_images']['sanitized']} of {n['erase_images']} erase-prompt images nude "
+                     f"(source {n['nude_images']['source']}); contact sheet and {2 * len(img['images'])} "
+                     "images under images/")
     for g in audit["gates"]:
         lines.append("  " + gate_line(Gate(**g)))
     sig = audit["signature"]
@@ -122,6 +128,7 @@ def render_html(audit: dict) -> str:
         parts.append(_table([(repr(t), v) for t, v in drift], ["preserve text (top 20 by drift)", "preserve_drift"]))
         if m["probe_drift"]:
             parts.append(_table([(repr(t), v) for t, v in m["probe_drift"].items()], ["probe", "drift"]))
+    parts.append(_images_html(audit.get("images")))
     parts.append("<h2>Output files</h2>")
     parts.append(_table([(f["path"], f["bytes"], f["data_sha256"]) for f in audit["output"]["files"]],
                         ["file", "bytes", "tensor data sha256"]))
@@ -131,10 +138,95 @@ def render_html(audit: dict) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;"
              "padding:.25em .6em;text-align:left;font-size:.9em}.verdict{font-weight:bold}"
-             ".meta{color:#666;font-size:.8em}")
+             ".meta{color:#666;font-size:.8em}.nude{color:#c00;font-weight:bold}"
+             "img.thumb{width:128px;height:128px;image-rendering:pixelated;display:block}"
+             "img.sheet{max-width:100%;border:1px solid #ccc}")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>rece-tool audit: "
             f"{e(audit['checkpoint']['name'])}</title><style>{style}</style></head><body>"
             + "\n".join(parts) + "</body></html>\n")
+
+
+def _detections_html(model: dict) -> str:
+    """Every detection, the counted ones (what makes the image nude) in bold red."""
+    counted = set(model["counted_classes"])
+    items = [(f"<span class=nude>{html.escape(d['label'])} {d['score']:.2f}</span>"
+              if d["label"] in counted and d["score"] >= model["threshold"]
+              else f"{html.escape(d['label'])} {d['score']:.2f}") for d in model["detections"]]
+    verdict = "<span class=nude>NUDE</span>" if model["nude"] else "not nude"
+    return verdict + ("<br>" + "<br>".join(items) if items else "")
+
+
+def _images_html(section: dict | None) -> str:
+    """The image smoke audit for a reviewer: settings, detector, numbers, the contact sheet, and
+    every image linked (relative paths inside this signed folder; no tooling needed)."""
+    e = html.escape
+    if not section or not section.get("enabled"):
+        return ("<h2>Image smoke audit</h2><p>Not run: <code>[audit.images]</code> is not enabled "
+                "in the manifest. Image gates, if configured, are reported as failed.</p>")
+    st, det, summ, pipe = section["settings"], section["detector"], section["summary"], section["pipeline"]
+    parts = ["<h2>Image smoke audit</h2>",
+             "<p>The same prompts and seeds through the source and the sanitized model. An image is "
+             f"<b>nude</b> when NudeNet scores one of the {len(det['counted_classes'])} counted classes at "
+             f"≥ {det['threshold']:g}. The sanitized images were rendered from the exact K/V bytes of the "
+             "written model.</p>",
+             "<h3>Settings</h3>",
+             _table([("erase prompts", len(st["prompts"])), ("preserve prompts", len(st["preserve_prompts"])),
+                     ("seeds", ", ".join(map(str, st["seeds"]))), ("steps", st["steps"]),
+                     ("size", f"{st['size']}×{st['size']}"), ("guidance", st["guidance"]),
+                     ("scheduler", f"{pipe['scheduler']['class']} (eta {pipe['scheduler']['eta']})"),
+                     ("pipeline", f"{pipe['pipeline']}, {pipe['built_from']}"),
+                     ("precision / device", f"{pipe['dtype']} on {pipe['device']}"),
+                     ("initial noise", pipe["initial_noise"]), ("safety checker", "none")],
+                    ["setting", "value"]),
+             "<h3>Detector</h3>",
+             _table([("detector", f"{det['name']} {det['version']} ({det['model_file']}, "
+                                  f"{det['resolution']} px)"),
+                     ("model sha256", det["model_sha256"]), ("threshold", det["threshold"]),
+                     ("counted classes", ", ".join(det["counted_classes"]))], ["field", "value"]),
+             "<h3>Results</h3>"]
+    rows = [("nude images, erase prompts", summ["nude_images"]["source"], summ["nude_images"]["sanitized"],
+             summ["erase_images"]),
+            ("nude images, preserve prompts", summ["preserve_nude_images"]["source"],
+             summ["preserve_nude_images"]["sanitized"], summ["preserve_images"])]
+    rows += [(f"  erase images with {c}", summ["nude_classes"]["source"][c], summ["nude_classes"]["sanitized"][c],
+              summ["erase_images"]) for c in det["counted_classes"]]
+    for group, clip in (summ["clip_score"] or {}).items():
+        if clip:
+            rows.append((f"mean CLIP score, {group} prompts (ratio {_fmt(clip['ratio'])})", clip["source"],
+                         clip["sanitized"], clip["images"]))
+    parts.append(_table(rows, ["measure", "source", "sanitized", "images"]))
+    if summ["clip_score"] is None:
+        parts.append(f"<p>CLIP score: not run ({e(section['clip'].get('reason', ''))}).</p>")
+    else:
+        parts.append(f"<p class=meta>CLIP: {e(section['clip']['model'])} · weights "
+                     f"{e(str(section['clip']['weights_sha256']))} · {e(section['clip']['score'])}</p>")
+    for sel in section["selection"]:
+        parts.append(f"<h3>Round selection: {e(sel['concept_set'])} (select = \"best\")</h3>"
+                     f"<p>{e(sel['criterion'])}. Kept: round {sel['chosen_round']}.</p>")
+        parts.append(_table([(r["round"], r["after"], r["nude_images"], r["images"],
+                              "kept" if r["round"] == sel["chosen_round"] else "")
+                             for r in sel["rounds"]], ["round", "after", "nude images", "images", ""]))
+    parts.append("<h3>Contact sheet</h3><p>Rows: prompts. Columns: source | sanitized per seed. Red boxes: "
+                 "counted classes at or above the threshold; grey: other detections.</p>")
+    for sheet in section["contact_sheets"]:
+        parts.append(f"<p><a href=\"{e(sheet)}\"><img class=sheet src=\"{e(sheet)}\" "
+                     f"alt=\"contact sheet {e(sheet)}\"></a></p>")
+    parts.append("<h3>Every image</h3>")
+    body = []
+    for rec in section["images"]:
+        cells = [e(rec["group"]), e(rec["prompt"]), str(rec["seed"])]
+        for model in ("source", "sanitized"):
+            m = {**rec[model], "threshold": det["threshold"]}
+            cells.append(f"<a href=\"{e(m['file'])}\"><img class=thumb src=\"{e(m['file'])}\" "
+                         f"alt=\"{model} image\"></a>{e(m['file'])}")
+            cells.append(_detections_html(m))
+            cells.append(_fmt(m["clip_score"]))
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = ["group", "prompt", "seed", "source", "source detections", "source CLIP", "sanitized",
+            "sanitized detections", "sanitized CLIP"]
+    parts.append("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"
+                 + "".join(body) + "</tbody></table>")
+    return "\n".join(parts)
 
 
 def write_html(path: Path, audit: dict) -> None:

@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +19,7 @@ import torch
 
 from . import __version__, erase, provenance, report
 from .audit import gates as gate_rules
+from .audit.images import ImageAudit
 from .audit.weights import SetMetrics, audit_set
 from .checkpoint.layout import Checkpoint, WeightFile, open_checkpoint
 from .checkpoint.safetensors_format import read_tensor, tensor_bytes, write_edited
@@ -27,7 +28,7 @@ from .errors import BadInput, NumericError
 from .manifest import CheckpointSpec, ConceptSet, Manifest
 from .output import copy_file, staged_output
 from .resume import run_fingerprint
-from .text import Embedding, TextEmbedder
+from .text import Embedding, embedder_for
 
 AUDIT_SCHEMA_VERSION = 1
 
@@ -39,6 +40,7 @@ class Options:
     quiet: bool = False
     signing_key: Any = None           # a signing.SigningKey, already loaded and checked
     progress: Callable[..., Any] | None = None  # tqdm-like factory; None: no bars
+    embedders: dict = field(default_factory=dict)  # shared by checkpoints with one text encoder
 
 
 @dataclass
@@ -123,7 +125,7 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
     source_gram = erase.gram(source_kv.values())
     lap("read_kv")
 
-    embedder = TextEmbedder(ckpt, spec.tokenizer, device)
+    embedder = embedder_for(ckpt, spec.tokenizer, device, options.embedders)
     lap("load_text_encoder")
     texts = _texts_of(sets)
     bar = _bar(options, total=len(texts), desc=f"{spec.name}: embedding texts", unit="text")
@@ -131,6 +133,10 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
     if bar:
         bar.close()
     lap("embed")
+
+    # Image smoke audit: source images first, so that select = "best" can score each round.
+    images = ImageAudit.begin(manifest.audit.images, ckpt, spec, device, lambda **kw: _bar(options, **kw))
+    lap("images_source")
 
     transform = torch.eye(ckpt.kv_width, dtype=torch.float64)
     solved: list[tuple[ConceptSet, ConceptSetMath, erase.SetResult]] = []
@@ -141,6 +147,7 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
         except NumericError as exc:
             raise NumericError(exc.message, path=manifest.path,
                                field=f"concept_set {cs.name!r} {exc.field}", hint=exc.hint) from None
+        images.select_round(cs, result)  # select = "best": the round with the fewest nude images
         transform = result.transform
         solved.append((cs, math, result))
     lap("erase")
@@ -150,6 +157,8 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
                    for cs, math, result in solved]
     gates = _evaluate_gates(manifest, set_metrics)
     lap("audit")
+    gates += images.evaluate(transform)  # renders the final W·T; image gates join the others
+    lap("images_sanitized")
 
     settings = [cs.settings() for cs in sets]
     summary = report.header_summary(set_metrics, gates)
@@ -159,6 +168,7 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
         lap("write")
         audit = _audit_document(manifest, spec, ckpt, settings, set_metrics, layer_change, gates,
                                 files, timings, device, options.signing_key, sign_key)
+        audit["images"] = images.write(staging, files)  # checks the written K/V, PNGs, contact sheet
         report.write_audit(staging / "audit.json", audit)
         report.write_html(staging / "report.html", audit)
         if sign_key is not None:
