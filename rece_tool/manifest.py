@@ -233,7 +233,8 @@ def _name(v: Any) -> str:
 def load(path: str | Path) -> Manifest:
     path = Path(path)
     try:
-        raw = path.read_bytes()[:MAX_MANIFEST_BYTES + 1]
+        with open(path, "rb") as f:  # bounded: a huge file (or /dev/zero) is never read whole
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise ManifestError("manifest not found", path=path) from None
     except IsADirectoryError:
@@ -289,6 +290,8 @@ def parse(doc: dict, path: Path) -> Manifest:
 
     audit = _audit(path, base, top.get("audit", lambda v: v, "a table", default={}))
     top.done()
+    _check_select(path, concept_sets, audit.images)
+    _check_inputs_outside_outputs(path, out_dir, signing_key, checkpoints)
     return Manifest(path, out_dir, signing_key, tuple(checkpoints), concept_sets, audit)
 
 
@@ -428,7 +431,7 @@ def _images(manifest: Path, base: Path, raw: Any) -> ImageAuditSpec:
         enabled=r.get("enabled", _bool, "true or false", d.enabled),
         prompts=tuple(dict.fromkeys(prompts)),
         preserve_prompts=r.get("preserve_prompts", _str_list, "a list of strings", ()),
-        seeds=seeds,
+        seeds=tuple(dict.fromkeys(seeds)),  # a repeated seed would render (and name) the same image twice
         steps=r.get("steps", _int(1, 1000), "an integer 1..1000", d.steps),
         size=r.get("size", _size, "a multiple of 8 in 64..2048", d.size),
         guidance=r.get("guidance", _float(0.0, 100.0), "a number 0..100", d.guidance),
@@ -445,6 +448,16 @@ def _images(manifest: Path, base: Path, raw: Any) -> ImageAuditSpec:
     return spec
 
 
+def _check_select(manifest: Path, concept_sets: dict[str, ConceptSet], images: ImageAuditSpec) -> None:
+    """`select = "best"` scores each RECE round by the image audit's nude count: without that
+    audit there is nothing to choose by, and silently shipping the last round would be a lie."""
+    for i, cs in enumerate(concept_sets.values()):
+        if cs.select == "best" and not (images.enabled and images.prompts):
+            raise ManifestError('select = "best" keeps the round with the fewest nude images, which '
+                                "needs the image audit", path=manifest, field=f"concept_set[{i}].select",
+                                hint="set [audit.images] enabled = true with erase prompts, or select = \"last\"")
+
+
 def _list(v: Any) -> list:
     if not isinstance(v, list):
         raise TypeError()
@@ -455,3 +468,32 @@ def _size(v: Any) -> int:
     if type(v) is not int or v % 8 or not 64 <= v <= 2048:
         raise ValueError()
     return v
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _check_inputs_outside_outputs(manifest: Path, out_dir: Path, signing_key: Path | None,
+                                  checkpoints: list[CheckpointSpec]) -> None:
+    """No input may live where a run writes: `<output.dir>/<name>` is replaced as a whole
+    (with --overwrite), which would delete a source inside it, and a diffusers folder that
+    holds the output folder would be copied into itself."""
+    out = out_dir.resolve()
+    targets = [out / ck.name for ck in checkpoints]
+    inputs = [(f"checkpoint[{i}].path", ck.path) for i, ck in enumerate(checkpoints)]
+    inputs += [(f"checkpoint[{i}].tokenizer", ck.tokenizer) for i, ck in enumerate(checkpoints)
+               if ck.tokenizer is not None]
+    if signing_key is not None:
+        inputs.append(("output.signing_key", signing_key))
+    for key, p in inputs:
+        resolved = p.resolve()
+        for target in targets:
+            if _inside(resolved, target):
+                raise ManifestError(f"{p} lies inside the output folder {target}, which a run replaces",
+                                    path=manifest, field=key,
+                                    hint="move the input elsewhere or choose another output.dir")
+    for i, ck in enumerate(checkpoints):
+        if ck.path.is_dir() and _inside(out, ck.path.resolve()):
+            raise ManifestError(f"{out_dir} lies inside the checkpoint folder {ck.path}", path=manifest,
+                                field="output.dir", hint=f"write outside checkpoint[{i}].path")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,12 +99,30 @@ def _fail(path: Path, message: str, key: str | None = None) -> CheckpointError:
                            hint="the file is not a valid safetensors checkpoint")
 
 
-def _depth(value, level: int = 1) -> int:
-    if isinstance(value, dict):
-        return max([level] + [_depth(v, level + 1) for v in value.values()])
-    if isinstance(value, list):
-        return max([level] + [_depth(v, level + 1) for v in value])
-    return level - 1
+def _depth(value) -> int:
+    """Nesting depth of parsed JSON (containers only), without recursion: a hostile header
+    nested hundreds deep must not exhaust the interpreter's stack."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def _is_utf8(text: str) -> bool:
+    """JSON escapes can smuggle lone surrogates (`"\\ud800"`) that no UTF-8 file may hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_duplicates(pairs):
@@ -142,13 +161,21 @@ def parse_header(path: Path, prefix: bytes, file_size: int) -> Header:
         raise _fail(path, f"header lists more than {MAX_TENSORS} tensors")
 
     metadata = doc.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise _fail(path, "metadata values must all be strings", "__metadata__")
+    if not isinstance(metadata, dict):
+        raise _fail(path, "metadata must be a JSON object of strings", "__metadata__")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise _fail(path, f"metadata value of {key!r} is {type(value).__name__}, must be a string",
+                        "__metadata__")
+        if not (_is_utf8(key) and _is_utf8(value)):
+            raise _fail(path, f"metadata entry {key!r} is not valid Unicode (lone surrogate escape)",
+                        "__metadata__")
 
     data_size = file_size - 8 - n
     tensors: dict[str, TensorEntry] = {}
     for name, info in doc.items():
+        if not _is_utf8(name):
+            raise _fail(path, f"tensor name {name!r} is not valid Unicode (lone surrogate escape)")
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise _fail(path, "entry must have exactly dtype, shape and data_offsets", name)
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -183,17 +210,30 @@ def parse_header(path: Path, prefix: bytes, file_size: int) -> Header:
 def read_header(path: str | Path) -> Header:
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO must not wait forever for a writer; anything but a
+        # regular file (FIFO, device, socket) is refused before a byte is read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except IsADirectoryError:
+        raise CheckpointError("is a folder, not a .safetensors file", path=path) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=path) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            raise CheckpointError("is a folder, not a .safetensors file", path=path)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise CheckpointError("is not a regular file (a FIFO, socket or device?)", path=path)
+        with open(fd, "rb", closefd=True) as f:
+            size = st.st_size
             first = f.read(8)
             if len(first) == 8:
                 (n,) = struct.unpack("<Q", first)
                 if n <= MAX_HEADER_BYTES and 8 + n <= size:
                     first += f.read(n)
-    except IsADirectoryError:
-        raise CheckpointError("is a folder, not a .safetensors file", path=path) from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read: {exc.strerror}", path=path) from None
+        raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=path) from None
     return parse_header(path, first, size)
 
 
