@@ -82,12 +82,17 @@ def _signing_key(manifest, require: bool):
     path = Path(env) if env else manifest.signing_key
     if path is None:
         if require:
-            raise SigningError("no signing key configured", field="output.signing_key",
+            raise SigningError("no signing key configured", path=manifest.path, field="output.signing_key",
                                hint=f"set output.signing_key in the manifest or {SIGNING_KEY_ENV}; "
                                     "make one with `rece-tool keygen DIR`")
         return None
     password = os.environ.get(PASSWORD_ENV)
-    key = load_private_key(path, password.encode() if password is not None else None)
+    try:
+        key = load_private_key(path, password.encode() if password is not None else None)
+    except SigningError as exc:
+        if env and not exc.field:
+            exc.field = SIGNING_KEY_ENV  # say where the path came from
+        raise
     if key.warning:
         _say(f"rece-tool: warning: {key.warning}")
     return key
@@ -109,6 +114,8 @@ def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, requi
     """Erase the manifest's concept sets from its checkpoints, audit, write, sign."""
     from . import manifest as manifest_mod
     from . import report
+    from .checkpoint.layout import open_checkpoint
+    from .output import check_destination
     from .resume import already_done
     from .sanitize import Options, plan, sanitize_checkpoint
     from .shard import parse_shard, select
@@ -130,15 +137,26 @@ def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, requi
         click.echo(json.dumps({"manifest": str(manifest_path), "output_dir": str(manifest.output_dir),
                                "checkpoints": plan(manifest, checkpoints)}, indent=2))
         return EXIT_OK
+    if junit and not junit.parent.is_dir():
+        raise BadInput(f"folder {junit.parent} does not exist", path=junit, field="--junit")
     options = Options(device=device, overwrite=overwrite, quiet=quiet,
                       signing_key=_signing_key(manifest, require_signature), progress=_progress(quiet))
-    results = []
+    # Every cheap refusal before any compute: a bad second checkpoint must not fail late.
+    skipped: dict[str, str] = {}
     for spec in checkpoints:
+        open_checkpoint(spec.path)
         if not overwrite and (manifest.output_dir / spec.name).exists():
             reason = already_done(manifest, spec, will_sign=options.signing_key is not None)
             if reason:
-                _say(f"{spec.name}: skipped, {reason} ({manifest.output_dir / spec.name}/; --overwrite redoes it)")
+                skipped[spec.name] = reason
                 continue
+        check_destination(manifest.output_dir, spec.name, overwrite)
+    results = []
+    for spec in checkpoints:
+        if spec.name in skipped:
+            _say(f"{spec.name}: skipped, {skipped[spec.name]} ({manifest.output_dir / spec.name}/; "
+                 "--overwrite redoes it)")
+            continue
         result = sanitize_checkpoint(manifest, spec, options)
         for line in report.text_summary(result.audit, result.folder):
             _say(line)

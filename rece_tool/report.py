@@ -13,6 +13,7 @@ from typing import Iterable
 from xml.etree import ElementTree as ET
 
 from .audit.gates import Gate
+from .errors import WriteFailure
 from .audit.weights import SetMetrics
 
 
@@ -48,6 +49,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailure(f"writing failed: {exc.strerror or exc}", path=path,
+                           hint="check free space and permissions; nothing was left behind") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

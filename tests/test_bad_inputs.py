@@ -445,7 +445,7 @@ CASES = [
     Case("k-public-as-private", _key("public"), ("public key",)),
     Case("k-missing-in-manifest", _m(output='dir = "out"\nsigning_key = "keys/release.pem"'),
          ("output.signing_key", "release.pem")),
-    Case("k-require-signature", _require_signature, ("output.signing_key",), xfail=SIGN_BUG),
+    Case("k-require-signature", _require_signature, ("output.signing_key",)),
     # -- filesystem
     P("f-out-is-file", _out_is_file, ("output.dir", "not a folder")),
     P("f-out-exists", _out_exists, ("already exists", "--overwrite")),

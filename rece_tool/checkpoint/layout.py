@@ -105,7 +105,7 @@ def _find_kv(header: Header, layout: Layout, path: Path) -> list[str]:
     for stem, have in pairs.items():
         if have != {"k", "v"}:
             missing = ({"k", "v"} - have).pop()
-            raise CheckpointError(f"{stem}.to_{missing}.weight is missing (its twin is present)",
+            raise CheckpointError(f"is missing (its twin to_{({'k', 'v'} - {missing}).pop()} is present)",
                                   path=path, field=f"{stem}.to_{missing}.weight")
     for k in kv:
         e = header.tensors[k]
