@@ -85,15 +85,21 @@ def uce_rows(target: EraseTarget) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def preserve_gram(preserve: list[torch.Tensor], d: int) -> torch.Tensor:
-    p = torch.zeros(d, d, dtype=F64)
-    for e in preserve:
-        e64 = e.to(F64)
-        p.addmm_(e64.T, e64)
-    return p
+    if not preserve:
+        return torch.zeros(d, d, dtype=F64)
+    rows = torch.cat([e.to(F64) for e in preserve])  # one large product beats many small ones
+    return rows.T @ rows
 
 
-def _check_conditioned(matrix: torch.Tensor, what: str, setting: str) -> None:
-    eig = torch.linalg.eigvalsh(matrix)
+def _check_conditioned(shift: float, psd: torch.Tensor, what: str, setting: str) -> None:
+    """Refuse `shift·I + psd` (psd positive semi-definite) if its condition number is too large.
+
+    Its eigenvalues lie in [shift, shift + trace(psd)], so the cheap bound 1 + trace/shift
+    settles almost every case; only when it is inconclusive are the eigenvalues computed.
+    """
+    if shift > 0 and 1 + float(torch.trace(psd)) / shift <= MAX_CONDITION:
+        return
+    eig = torch.linalg.eigvalsh(shift * torch.eye(psd.shape[0], dtype=F64) + psd)
     lo, hi = eig[0].item(), eig[-1].item()
     if not (lo > 0 and hi / lo <= MAX_CONDITION):
         cond = "infinite" if lo <= 0 else f"{hi / lo:.3g}"
@@ -110,8 +116,9 @@ def edit_transform(cross: torch.Tensor, erase_gram: torch.Tensor, keep_gram: tor
         ps = max(0.1, 1.0 / max(preserve_count, 1))
     eye = torch.eye(d, dtype=F64)
     lhs = scales.lamb * eye + scales.erase_scale * cross + ps * keep_gram
-    rhs = scales.lamb * eye + scales.erase_scale * erase_gram + ps * keep_gram
-    _check_conditioned(rhs, "the edit's normal matrix", f"{setting}.lamb")
+    spread = scales.erase_scale * erase_gram + ps * keep_gram
+    _check_conditioned(scales.lamb, spread, "the edit's normal matrix", f"{setting}.lamb")
+    rhs = scales.lamb * eye + spread
     # X · B⁻¹ = solve(Bᵀ, Xᵀ)ᵀ — no explicit inverse.
     return torch.linalg.solve(rhs.T, lhs.T).T
 
@@ -121,10 +128,10 @@ def derive_embedding_map(source_gram: torch.Tensor, transform: torch.Tensor, reg
     """D = M1⁻¹ M2 with M1 = reg·I + Tᵀ S T, M2 = Tᵀ S: the closed-form attack `c' = D e`."""
     d = source_gram.shape[0]
     m2 = transform.T @ source_gram
-    m1 = reg * torch.eye(d, dtype=F64) + m2 @ transform
-    m1 = 0.5 * (m1 + m1.T)  # symmetric by construction; remove rounding asymmetry
-    _check_conditioned(m1, "the RECE derivation matrix", setting)
-    return torch.linalg.solve(m1, m2)
+    spread = m2 @ transform
+    spread = 0.5 * (spread + spread.T)  # symmetric by construction; remove rounding asymmetry
+    _check_conditioned(reg, spread, "the RECE derivation matrix", setting)
+    return torch.linalg.solve(reg * torch.eye(d, dtype=F64) + spread, m2)
 
 
 def concept_set_transform(source_gram: torch.Tensor, start: torch.Tensor,
@@ -159,10 +166,16 @@ def concept_set_transform(source_gram: torch.Tensor, start: torch.Tensor,
     return result
 
 
+# The precision W · T is computed in, by the weight's dtype: float32 already carries 13 more
+# bits than a 16-bit result keeps; wider weights get float64.
+APPLY_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 def apply_transform(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """W · T computed in float64, returned in the weight's own dtype and device."""
-    t = transform.to(device=weight.device)
-    return (weight.to(F64) @ t).to(weight.dtype)
+    """W · T, returned in the weight's own dtype and device."""
+    compute = APPLY_DTYPE.get(weight.dtype, F64)
+    t = transform.to(device=weight.device, dtype=compute)
+    return (weight.to(compute) @ t).to(weight.dtype)
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:

@@ -354,8 +354,6 @@ def P(*args, **kwargs) -> Case:
 
 
 CS_OBJECTS = 'name = "objs"\nerase = ["cat", "dog", "car"]'
-SIGN_BUG = ("_cli.py: --require-signature raises SigningError without path=manifest_path, so the "
-            "line names the field but not the manifest file")
 
 CASES = [
     # -- manifest: unknown keys at every level

@@ -27,6 +27,7 @@ import json
 import os
 import stat
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -289,7 +290,8 @@ def write_edited(header: Header, replacements: Mapping[str, bytes], out_path: Pa
     """Stream `header.path` to `out_path`, replacing the bytes of the named tensors.
 
     One pass over the source: every byte is read once, hashed into the source hash, written
-    (or swapped for its replacement), hashed into the output data hash. The header is written
+    (or swapped for its replacement), hashed into the output data hash. The source hash runs
+    on a second thread (hashlib releases the GIL), beside the output hash and the write. The header is written
     first with `placeholder` metadata of the final values' exact lengths, then rewritten in
     place once `metadata(result)` can be computed from the hashes; its length must not change.
     The file appears at `out_path` only complete (temporary file in the same folder, fsync,
@@ -301,9 +303,10 @@ def write_edited(header: Header, replacements: Mapping[str, bytes], out_path: Pa
                              f"expected {header.tensors[name].nbytes}")
     draft = serialize_header(header, placeholder)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    src_hash, out_hash = hashlib.sha256(), hashlib.sha256()
+    out_hash = hashlib.sha256()
     try:
-        with open(header.path, "rb", buffering=0) as src, open(tmp, "xb", buffering=0) as dst:
+        with open(header.path, "rb", buffering=0) as src, open(tmp, "xb", buffering=0) as dst, \
+                _BackgroundHash() as src_hash:
             prefix = src.read(header.data_start)
             if prefix != header.raw:
                 raise CheckpointError("changed while being read", path=header.path)
@@ -331,6 +334,7 @@ def write_edited(header: Header, replacements: Mapping[str, bytes], out_path: Pa
                     j += 1
                 remaining = by_offset[j - 1].end - entry.begin
                 while remaining:
+                    src_hash.wait()  # the buffer is about to be overwritten
                     got = src.readinto(view[:min(COPY_CHUNK, remaining)])
                     if not got:
                         raise CheckpointError("file ended early while copying", path=header.path)
@@ -344,6 +348,7 @@ def write_edited(header: Header, replacements: Mapping[str, bytes], out_path: Pa
                 i = j
             if src.read(1):
                 raise CheckpointError("changed while being read (grew)", path=header.path)
+            src_hash.wait()
             result = StreamResult("0x" + src_hash.hexdigest(), "0x" + out_hash.hexdigest(),
                                   len(draft) + header.file_size - header.data_start)
             final = serialize_header(header, metadata(result))
@@ -360,6 +365,33 @@ def write_edited(header: Header, replacements: Mapping[str, bytes], out_path: Pa
     except BaseException:
         _unlink(tmp)
         raise
+
+
+class _BackgroundHash:
+    """A sha256 fed on a worker thread, in order; `wait()` before reusing a buffer handed to it."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rece-sha256")
+        self._pending = None
+
+    def update(self, data) -> None:
+        self._pending = self._pool.submit(self._hash.update, data)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def hexdigest(self) -> str:
+        self.wait()
+        return self._hash.hexdigest()
+
+    def __enter__(self) -> "_BackgroundHash":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def _read_exact(f, n: int, path: Path) -> bytes:
