@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-quick clean
 
 install: $(STAMP)
 
@@ -30,7 +30,10 @@ demo: $(STAMP)
 	$(BIN)/rece-tool verify demo/sanitized/tiny-sd15 --public-key demo/keys/rece-signing-key.pub.pem
 
 bench: $(STAMP)
-	$(BIN)/python bench/sanitize_vs_copy.py
+	$(BIN)/python bench/run_all.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run_all.py --quick
 
 clean:
 	rm -rf demo/sanitized demo/models demo/keys .pytest_cache
