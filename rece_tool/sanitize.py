@@ -164,7 +164,8 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
     summary = report.header_summary(set_metrics, gates)
     sign_key = options.signing_key if all(g.passed for g in gates) else None
     with staged_output(manifest.output_dir, spec.name, options.overwrite) as staging:
-        files, layer_change = _write_model(ckpt, spec, staging, transform, settings, summary, device, options)
+        files, layer_change = _write_model(ckpt, spec, staging, transform, settings, summary, device,
+                                           options, source_kv)
         lap("write")
         audit = _audit_document(manifest, spec, ckpt, settings, set_metrics, layer_change, gates,
                                 files, timings, device, options.signing_key, sign_key)
@@ -199,10 +200,13 @@ def _evaluate_gates(manifest: Manifest, metrics: list[SetMetrics]) -> list[gate_
     return gates
 
 
-def _edited_bytes(wf: WeightFile, key: str, transform: torch.Tensor,
-                  device: torch.device) -> tuple[bytes, float]:
-    w = read_tensor(wf.header, key)
-    erase.check_finite(w, f"{wf.header.path}: {key}")
+def _edited_bytes(wf: WeightFile, key: str, transform: torch.Tensor, device: torch.device,
+                  source: torch.Tensor | None = None) -> tuple[bytes, float]:
+    """The tensor's new bytes and its relative change; `source` if already read (and checked)."""
+    w = source
+    if w is None:
+        w = read_tensor(wf.header, key)
+        erase.check_finite(w, f"{wf.header.path}: {key}")
     new = erase.apply_transform(w.to(device), transform).cpu()
     w64 = w.to(torch.float64)
     change = float(torch.linalg.norm(new.to(torch.float64) - w64) / max(float(torch.linalg.norm(w64)), 1e-300))
@@ -210,7 +214,8 @@ def _edited_bytes(wf: WeightFile, key: str, transform: torch.Tensor,
 
 
 def _write_model(ckpt: Checkpoint, spec: CheckpointSpec, staging: Path, transform: torch.Tensor,
-                 settings: list[dict], summary: dict, device: torch.device, options: Options):
+                 settings: list[dict], summary: dict, device: torch.device, options: Options,
+                 source_kv: dict[tuple[int, str], torch.Tensor]):
     date = provenance.release_date()
     if ckpt.is_folder:
         model_root = staging / spec.name
@@ -230,11 +235,11 @@ def _write_model(ckpt: Checkpoint, spec: CheckpointSpec, staging: Path, transfor
     total = sum(wf.header.file_size for wf in ckpt.weight_files)
     bar = _bar(options, total=total, desc=f"{spec.name}: writing", unit="B", unit_scale=True,
                unit_divisor=1024)
-    for wf in ckpt.weight_files:
+    for index, wf in enumerate(ckpt.weight_files):
         replacements: dict[str, bytes] = {}
         for key in wf.kv_keys:
             replacements[key], layer_change[str(wf.relpath) + ":" + key if ckpt.is_folder else key] = \
-                _edited_bytes(wf, key, transform, device)
+                _edited_bytes(wf, key, transform, device, source_kv[(index, key)])
         for key, twin in wf.ema_twins.items():
             replacements[twin], layer_change[twin] = _edited_bytes(wf, twin, transform, device)
         out_path = (model_root / wf.relpath) if ckpt.is_folder else staging / f"{spec.name}.safetensors"
