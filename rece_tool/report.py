@@ -161,6 +161,15 @@ def _detections_html(model: dict) -> str:
     return verdict + ("<br>" + "<br>".join(items) if items else "")
 
 
+def _prediction_row(pipe: dict) -> list[tuple[str, str]]:
+    """What the sampler assumed about the model's training target, flagged when it was a guess."""
+    pred = pipe.get("prediction_type")
+    if not isinstance(pred, dict):
+        return []
+    flag = "ASSUMED — " if pred.get("assumed") else ""
+    return [("prediction type", f"{flag}{pred.get('value')} ({pred.get('source', '')})")]
+
+
 def _images_html(section: dict | None) -> str:
     """The image smoke audit for a reviewer: settings, detector, numbers, the contact sheet, and
     every image linked (relative paths inside this signed folder; no tooling needed)."""
@@ -181,7 +190,8 @@ def _images_html(section: dict | None) -> str:
                      ("scheduler", f"{pipe['scheduler']['class']} (eta {pipe['scheduler']['eta']})"),
                      ("pipeline", f"{pipe['pipeline']}, {pipe['built_from']}"),
                      ("precision / device", f"{pipe['dtype']} on {pipe['device']}"),
-                     ("initial noise", pipe["initial_noise"]), ("safety checker", "none")],
+                     ("initial noise", pipe["initial_noise"]), ("safety checker", "none")]
+                    + _prediction_row(pipe),
                     ["setting", "value"]),
              "<h3>Detector</h3>",
              _table([("detector", f"{det['name']} {det['version']} ({det['model_file']}, "

@@ -250,7 +250,7 @@ def _write_model(ckpt: Checkpoint, spec: CheckpointSpec, staging: Path, transfor
             hashes = {} if result is None else {"source_sha256": result.source_sha256,
                                                 "data_sha256": result.data_sha256}
             return provenance.header_metadata(
-                _wf.header.metadata, architecture=ckpt.family.modelspec_architecture, title=_title,
+                _wf.header.metadata, architecture=_architecture(_wf, ckpt), title=_title,
                 concept_sets=settings, audit_summary=summary, date=date, **hashes)
 
         result = write_edited(wf.header, replacements, out_path, meta, meta(),
@@ -266,6 +266,14 @@ def _write_model(ckpt: Checkpoint, spec: CheckpointSpec, staging: Path, transfor
     if bar:
         bar.close()
     return files, layer_change
+
+
+def _architecture(wf: WeightFile, ckpt: Checkpoint) -> str:
+    """The source's own ModelSpec architecture when it refines the family's (e.g.
+    `stable-diffusion-v2-768-v`: the only record of v-prediction), else the family's."""
+    stated = wf.header.metadata.get("modelspec.architecture", "")
+    family = ckpt.family.modelspec_architecture
+    return stated if stated.startswith(family) else family
 
 
 def _header_sha256(path: Path) -> str:

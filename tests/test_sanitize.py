@@ -255,3 +255,16 @@ def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path):
     assert ck["family"] == "Stable Diffusion 1.x" and ck["kv_count"] == 12
     assert ck["concept_sets"][0]["erase"] == ["nudity"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stated,kept", [("stable-diffusion-v1-custom-v", "stable-diffusion-v1-custom-v"),
+                                         ("stable-diffusion-xl-v1-base", "stable-diffusion-v1")])
+def test_modelspec_architecture_keeps_a_refinement_of_the_family(tmp_path, stated, kept):
+    """A source's own, more specific architecture (e.g. `-768-v`: the only record of
+    v-prediction) survives; one that contradicts the detected family does not."""
+    src = tiny.write_sd1_single_file(tmp_path / "m.safetensors",
+                                     extra_metadata={"modelspec.architecture": stated})
+    manifest = write_manifest(tmp_path, [("m", src)], NUDITY)
+    assert run_cli("sanitize", str(manifest), "--quiet").returncode == 0
+    _, _, meta = raw_entries(tmp_path / "out" / "m" / "m.safetensors")
+    assert meta["modelspec.architecture"] == kept
