@@ -140,7 +140,8 @@ def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, requi
     if junit and not junit.parent.is_dir():
         raise BadInput(f"folder {junit.parent} does not exist", path=junit, field="--junit")
     options = Options(device=device, overwrite=overwrite, quiet=quiet,
-                      signing_key=_signing_key(manifest, require_signature), progress=_progress(quiet))
+                      signing_key=_signing_key(manifest, require_signature), progress=_progress(quiet),
+                      embedders={} if len(checkpoints) > 1 else None)
     # Every cheap refusal before any compute: a bad second checkpoint must not fail late.
     skipped: dict[str, str] = {}
     for spec in checkpoints:

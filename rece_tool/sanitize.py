@@ -40,7 +40,7 @@ class Options:
     quiet: bool = False
     signing_key: Any = None           # a signing.SigningKey, already loaded and checked
     progress: Callable[..., Any] | None = None  # tqdm-like factory; None: no bars
-    embedders: dict = field(default_factory=dict)  # shared by checkpoints with one text encoder
+    embedders: dict | None = field(default_factory=dict)  # shared across checkpoints; None: no sharing
 
 
 @dataclass

@@ -392,13 +392,15 @@ class TextEmbedder:
 
 
 def embedder_for(checkpoint: Checkpoint, tokenizer_override: Path | None, device: torch.device,
-                 shared: dict[tuple, TextEmbedder]) -> TextEmbedder:
+                 shared: dict[tuple, TextEmbedder] | None) -> TextEmbedder:
     """One TextEmbedder per distinct text encoder in a run (fine-tunes of one base share it).
 
     Keyed by the encoders' tensor bytes, tokenizers and device, so embeddings are reused only
-    when they would come out identical.
+    when they would come out identical. `shared=None` (a run of one checkpoint) skips hashing.
     """
     weights = [_checked_weights(s) for s in checkpoint.text_encoders]
+    if shared is None:
+        return TextEmbedder(checkpoint, tokenizer_override, device, weights)
     key = (tuple(encoder_fingerprint(w) for w in weights),
            tuple(str(tokenizer_override or folder) for folder in checkpoint.tokenizer_dirs),
            tuple((s.layout.pad, s.hidden_state, s.layout.hidden_act) for s in checkpoint.text_encoders),

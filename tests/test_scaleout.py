@@ -84,3 +84,24 @@ def test_skip_if_done_only_when_inputs_and_settings_match(models, tmp_path):
     r = run_cli("sanitize", str(manifest), "--quiet", "--overwrite")
     assert r.returncode == 0 and "skipped" not in r.stderr
     assert out.stat().st_mtime_ns != first
+
+
+def test_checkpoints_sharing_a_text_encoder_share_embeddings(models, tmp_path):
+    """Fine-tunes of one base (same text encoder bytes) reuse one embedder; another encoder doesn't."""
+    import torch
+
+    from rece_tool.checkpoint.layout import open_checkpoint
+    from rece_tool.text import embedder_for
+
+    base = models("fp32")
+    finetune = tmp_path / "finetune.safetensors"
+    shutil.copyfile(base, finetune)  # same text encoder; a fine-tune differs in the UNet only
+    shared: dict = {}
+    cpu = torch.device("cpu")
+    first = embedder_for(open_checkpoint(base), None, cpu, shared)
+    first.embed(["nudity", " "])
+    again = embedder_for(open_checkpoint(finetune), None, cpu, shared)
+    other = embedder_for(open_checkpoint(models("fp32", seed=1)), None, cpu, shared)
+    assert again is first and other is not first and len(shared) == 2
+    assert set(again._cache) == {"nudity", " "}  # already embedded: no second forward pass
+    assert not torch.equal(first.embed(["nudity"])["nudity"].rows, other.embed(["nudity"])["nudity"].rows)
