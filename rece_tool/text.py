@@ -281,16 +281,23 @@ def load_text_encoder(source: TextEncoderSource, device: torch.device):
     return model.to(device).eval()
 
 
-def _checked_weights(source: TextEncoderSource) -> dict[str, torch.Tensor]:
+def _read_weights(source: TextEncoderSource) -> dict[str, torch.Tensor]:
     convert = WEIGHT_CONVERTERS.get(source.weights_format)
     if convert is None:
         raise CheckpointError(f"text encoder format {source.weights_format!r} is not supported",
                               path=source.header.path)
-    weights = convert(source)
+    return convert(source)
+
+
+def _check_weights(source: TextEncoderSource, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, tensor in weights.items():
         if tensor.is_floating_point():
             check_finite(tensor, f"{source.header.path}: text encoder tensor {name}")
     return weights
+
+
+def _checked_weights(source: TextEncoderSource) -> dict[str, torch.Tensor]:
+    return _check_weights(source, _read_weights(source))
 
 
 def _folder_config(source: TextEncoderSource) -> dict:
@@ -398,13 +405,14 @@ def embedder_for(checkpoint: Checkpoint, tokenizer_override: Path | None, device
     Keyed by the encoders' tensor bytes, tokenizers and device, so embeddings are reused only
     when they would come out identical. `shared=None` (a run of one checkpoint) skips hashing.
     """
-    weights = [_checked_weights(s) for s in checkpoint.text_encoders]
     if shared is None:
-        return TextEmbedder(checkpoint, tokenizer_override, device, weights)
+        return TextEmbedder(checkpoint, tokenizer_override, device)
+    weights = [_read_weights(s) for s in checkpoint.text_encoders]
     key = (tuple(encoder_fingerprint(w) for w in weights),
            tuple(str(tokenizer_override or folder) for folder in checkpoint.tokenizer_dirs),
            tuple((s.layout.pad, s.hidden_state, s.layout.hidden_act) for s in checkpoint.text_encoders),
            str(device))
-    if key not in shared:
-        shared[key] = TextEmbedder(checkpoint, tokenizer_override, device, weights)
+    if key not in shared:  # byte-identical encoders were checked when first seen
+        checked = [_check_weights(s, w) for s, w in zip(checkpoint.text_encoders, weights)]
+        shared[key] = TextEmbedder(checkpoint, tokenizer_override, device, checked)
     return shared[key]
