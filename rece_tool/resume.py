@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from . import __version__
-from .checkpoint.safetensors_format import COPY_CHUNK
+from .checkpoint.safetensors_format import COPY_CHUNK, header_sha256
 from .manifest import CheckpointSpec, Manifest
 
 
@@ -30,19 +30,13 @@ def run_fingerprint(manifest: Manifest, spec: CheckpointSpec) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """"0x" + sha256 of a whole file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(COPY_CHUNK):
             h.update(chunk)
     return "0x" + h.hexdigest()
-
-
-def _header_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        f.seek(0)
-        return "0x" + hashlib.sha256(f.read(8 + n)).hexdigest()
 
 
 def already_done(manifest: Manifest, spec: CheckpointSpec, will_sign: bool) -> str | None:
@@ -64,13 +58,13 @@ def already_done(manifest: Manifest, spec: CheckpointSpec, will_sign: bool) -> s
         out = folder / entry.get("path", "")
         if not out.is_file() or entry.get("bytes") != out.stat().st_size:
             return None
-        if _header_sha256(out) != entry.get("header_sha256"):
+        if header_sha256(out) != entry.get("header_sha256"):
             return None
         src = Path(entry.get("source", ""))
         if not src.is_file():
             return None
         if str(src) not in sources:
-            sources[str(src)] = _sha256_file(src)
+            sources[str(src)] = file_sha256(src)
         if sources[str(src)] != entry.get("source_sha256"):
             return None
     return "same source bytes and settings already sanitized"

@@ -6,7 +6,6 @@ user can get wrong surfaces as a `ReceError`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import sys
@@ -22,12 +21,12 @@ from .audit import gates as gate_rules
 from .audit.images import ImageAudit
 from .audit.weights import SetMetrics, audit_set
 from .checkpoint.layout import Checkpoint, WeightFile, open_checkpoint
-from .checkpoint.safetensors_format import read_tensor, tensor_bytes, write_edited
+from .checkpoint.safetensors_format import header_sha256, read_tensor, tensor_bytes, write_edited
 from .erase import ConceptSetMath, EraseTarget
 from .errors import BadInput, NumericError
 from .manifest import CheckpointSpec, ConceptSet, Manifest
 from .output import copy_file, staged_output
-from .resume import run_fingerprint
+from .resume import file_sha256, run_fingerprint
 from .text import Embedding, embedder_for
 
 AUDIT_SCHEMA_VERSION = 1
@@ -260,7 +259,7 @@ def _write_model(ckpt: Checkpoint, spec: CheckpointSpec, staging: Path, transfor
             "source": str(wf.header.path),
             "source_sha256": result.source_sha256,
             "data_sha256": result.data_sha256,
-            "header_sha256": _header_sha256(out_path),
+            "header_sha256": header_sha256(out_path),
             "bytes": result.bytes_written,
         })
     if bar:
@@ -274,13 +273,6 @@ def _architecture(wf: WeightFile, ckpt: Checkpoint) -> str:
     stated = wf.header.metadata.get("modelspec.architecture", "")
     family = ckpt.family.modelspec_architecture
     return stated if stated.startswith(family) else family
-
-
-def _header_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        f.seek(0)
-        return "0x" + hashlib.sha256(f.read(8 + n)).hexdigest()
 
 
 def _audit_document(manifest, spec, ckpt: Checkpoint, settings, set_metrics, layer_change, gates,
@@ -311,7 +303,7 @@ def _audit_document(manifest, spec, ckpt: Checkpoint, settings, set_metrics, lay
                 "tokenizer": str(spec.tokenizer) if spec.tokenizer else None,
             },
         },
-        "manifest": {"path": str(manifest.path), "sha256": _file_sha256(manifest.path)},
+        "manifest": {"path": str(manifest.path), "sha256": file_sha256(manifest.path)},
         "output": {"files": files},
         "concept_sets": settings,
         "metrics": {
@@ -328,7 +320,3 @@ def _audit_document(manifest, spec, ckpt: Checkpoint, settings, set_metrics, lay
             "platform": platform.platform(), "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
         },
     }
-
-
-def _file_sha256(path: Path) -> str:
-    return "0x" + hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -260,6 +260,16 @@ def read_tensors(header: Header, names: Iterable[str]) -> dict[str, torch.Tensor
     return {name: read_tensor(header, name) for name in names}
 
 
+def header_sha256(path: Path) -> str:
+    """"0x" + sha256 of a file's 8 length bytes and JSON header, as audit logs record it."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        if n > MAX_HEADER_BYTES:
+            raise _fail(Path(path), f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        f.seek(0)
+        return "0x" + hashlib.sha256(f.read(8 + n)).hexdigest()
+
+
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """Little-endian raw bytes of a contiguous CPU tensor (bf16 included)."""
     t = tensor.detach().contiguous().cpu()
