@@ -388,7 +388,8 @@ def _checkpoint(manifest: Path, base: Path, raw: Any, where: str,
                 concept_sets: dict[str, ConceptSet]) -> CheckpointSpec:
     r = _Reader(manifest, raw, where)
     name = r.get("name", _name, "a name", required=True)
-    ck_path = _existing(manifest, base / r.get("path", _nonempty_str, "a path string", required=True),
+    ck_path = _existing(manifest, Path(os.path.normpath(base / r.get("path", _nonempty_str, "a path string",
+                                                                  required=True))),
                         f"{where}.path", want_dir=None)
     tok = r.get("tokenizer", _nonempty_str, "a path string")
     tokenizer = _existing(manifest, base / tok, f"{where}.tokenizer", want_dir=True) if tok else None

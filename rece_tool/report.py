@@ -120,6 +120,12 @@ def render_html(audit: dict) -> str:
         _table([(k, v if not isinstance(v, list) else ", ".join(map(str, v))) for k, v in src.items()],
                ["field", "value"]),
         "<h2>Concept sets</h2>",
+        "<p>Weight-space metrics, measured on the final weights over every cross-attention K/V "
+        "projection: <b>erase_residual</b> is the share of the concept's response not redirected "
+        "to its guide (0 = fully redirected, 1 = untouched); <b>attack_recovery</b> is the share of "
+        "the concept a closed-form embedding attack still recovers; <b>preserve_drift</b> is how "
+        "far a preserve text's response moved (0 = unchanged); probes are measured the same way, "
+        "ungated.</p>",
     ]
     for cs, m in zip(audit["concept_sets"], audit["metrics"]["sets"]):
         parts.append(f"<h3>{e(cs['name'])} (preset {e(str(cs['preset']))})</h3>")
@@ -135,8 +141,9 @@ def render_html(audit: dict) -> str:
             parts.append(_table([(repr(t), v) for t, v in m["probe_drift"].items()], ["probe", "drift"]))
     parts.append(_images_html(audit.get("images")))
     parts.append("<h2>Output files</h2>")
-    parts.append(_table([(f["path"], f["bytes"], f["data_sha256"]) for f in audit["output"]["files"]],
-                        ["file", "bytes", "tensor data sha256"]))
+    parts.append(_table([(f["path"], f["bytes"], f["data_sha256"], f["source_sha256"])
+                         for f in audit["output"]["files"]],
+                        ["file", "bytes", "tensor data sha256", "source file sha256"]))
     parts.append(f"<p class=meta>rece-tool {e(audit['tool']['version'])} · audit schema "
                  f"{audit['schema_version']} · torch {e(audit['environment']['torch'])} on "
                  f"{e(audit['environment']['device'])}</p>")
