@@ -136,6 +136,15 @@ def test_ill_conditioned_solve_is_refused_naming_the_setting():
         erase.concept_set_transform(erase.gram(source), torch.eye(D, dtype=torch.float64), spec)
 
 
-def test_non_finite_weights_are_refused():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused(dtype, bad):
+    w = torch.zeros(1000, dtype=dtype)
+    w[7] = bad
     with pytest.raises(NumericError, match="non-finite"):
-        erase.check_finite(torch.tensor([1.0, float("nan")]), "w")
+        erase.check_finite(w, "w")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_huge_finite_weights_whose_sum_overflows_are_accepted(dtype):
+    erase.check_finite(torch.full((100,), 3e38, dtype=dtype), "w")
