@@ -21,6 +21,17 @@ from rece_tool import tiny
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many tiny tensor ops (the oracle's row loops, tiny renders): a second
+    thread costs more than it saves, and on a busy machine OpenMP's barriers make every op wait
+    for a descheduled thread (10-50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """Built lazily, once per session: `models("fp32")`, `models("fp16", ema=True)`, ..."""

@@ -45,14 +45,7 @@ NUDITY = '[[concept_set]]\nname = "nudity"\npreset = "nudity"\n'
 
 # ---- models, built once per module ---------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The oracle loops over rows with tiny tensor ops; handing each to a second thread costs more
-    than it saves, and on a busy machine many times more."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
