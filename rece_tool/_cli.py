@@ -179,15 +179,7 @@ def inspect(checkpoint: Path, as_json: bool):
     from .provenance import read_provenance
 
     ck = open_checkpoint(checkpoint)
-    info = {
-        "path": str(checkpoint), "layout": ck.layout.name, "family": ck.family.name,
-        "family_title": ck.family.title, "architecture": ck.family.modelspec_architecture,
-        "kv_dtypes": list(ck.kv_dtypes), "kv_count": ck.kv_count,
-        "family_kv_count": ck.family.real_kv_count, "ema_twins": ck.ema_count,
-        "context_dim": ck.kv_width, "unet_params": ck.unet_params, "kv_params": ck.kv_params,
-        "share_of_unet_modified": ck.kv_params / max(ck.unet_params, 1),
-        "provenance": read_provenance(ck.metadata),
-    }
+    info = {**ck.describe(), "provenance": read_provenance(ck.metadata)}
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return EXIT_OK

@@ -292,16 +292,8 @@ def _audit_document(manifest, spec, ckpt: Checkpoint, settings, set_metrics, lay
         "tool": {"name": "rece-tool", "version": __version__},
         "checkpoint": {
             "name": spec.name,
-            "source": {
-                "path": str(spec.path), "layout": ckpt.layout.name, "family": ckpt.family.name,
-                "family_title": ckpt.family.title,
-                "architecture": ckpt.family.modelspec_architecture,
-                "kv_dtypes": list(ckpt.kv_dtypes), "kv_count": ckpt.kv_count,
-                "family_kv_count": ckpt.family.real_kv_count, "ema_twins": ckpt.ema_count,
-                "unet_params": ckpt.unet_params, "kv_params": ckpt.kv_params,
-                "share_of_unet_modified": ckpt.kv_params / max(ckpt.unet_params, 1),
-                "tokenizer": str(spec.tokenizer) if spec.tokenizer else None,
-            },
+            "source": {**ckpt.describe(),
+                       "tokenizer": str(spec.tokenizer) if spec.tokenizer else None},
         },
         "manifest": {"path": str(manifest.path), "sha256": file_sha256(manifest.path)},
         "output": {"files": files},

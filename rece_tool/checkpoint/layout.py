@@ -78,6 +78,17 @@ class Checkpoint:
     def metadata(self) -> dict[str, str]:
         return dict(self.weight_files[0].header.metadata)
 
+    def describe(self) -> dict:
+        """What `inspect` prints and audit.json records about the source."""
+        return {
+            "path": str(self.path), "layout": self.layout.name, "family": self.family.name,
+            "family_title": self.family.title, "architecture": self.family.modelspec_architecture,
+            "kv_dtypes": list(self.kv_dtypes), "kv_count": self.kv_count,
+            "family_kv_count": self.family.real_kv_count, "ema_twins": self.ema_count,
+            "context_dim": self.kv_width, "unet_params": self.unet_params, "kv_params": self.kv_params,
+            "share_of_unet_modified": self.kv_params / max(self.unet_params, 1),
+        }
+
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
