@@ -236,25 +236,24 @@ WEIGHT_CONVERTERS = {"hf_clip": _hf_clip_weights, "open_clip": _open_clip_weight
 
 
 def _derived_config(weights: dict[str, torch.Tensor], source: TextEncoderSource):
+    """A transformers CLIPTextConfig for a single file's encoder, from `clip_text.shape_of`."""
     from transformers import CLIPTextConfig
 
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in weights:
-            raise CheckpointError("text encoder tensor missing", path=source.header.path,
-                                  field=source.prefix + key)
-        return tuple(weights[key].shape)
-
-    vocab, width = shape("embeddings.token_embedding.weight")
-    positions, _ = shape("embeddings.position_embedding.weight")
-    layers = len({k.split(".")[2] for k in weights if k.startswith("encoder.layers.")})
-    intermediate = shape("encoder.layers.0.mlp.fc1.weight")[0]
-    if width % HEAD_DIM and width >= HEAD_DIM:
-        raise CheckpointError(f"text encoder width {width} is not a multiple of {HEAD_DIM}",
+    try:
+        shape = clip_shape_of(weights, source.layout.hidden_act)
+    except KeyError as exc:
+        raise CheckpointError("text encoder tensor missing", path=source.header.path,
+                              field=source.prefix + str(exc.args[0])) from None
+    except ValueError as exc:
+        raise CheckpointError(f"text encoder shape unusable ({exc})", path=source.header.path,
+                              field=source.prefix + "embeddings.token_embedding.weight") from None
+    if shape.width % HEAD_DIM and shape.width >= HEAD_DIM:
+        raise CheckpointError(f"text encoder width {shape.width} is not a multiple of {HEAD_DIM}",
                               path=source.header.path, field=source.prefix + "embeddings.token_embedding.weight")
-    return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate,
-                          num_hidden_layers=layers, num_attention_heads=max(width // HEAD_DIM, 1),
-                          max_position_embeddings=positions, hidden_act=source.layout.hidden_act,
-                          bos_token_id=49406, eos_token_id=49407,
+    return CLIPTextConfig(vocab_size=shape.vocab, hidden_size=shape.width,
+                          intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
+                          num_attention_heads=shape.heads, max_position_embeddings=shape.positions,
+                          hidden_act=shape.hidden_act, bos_token_id=49406, eos_token_id=49407,
                           pad_token_id=49407 if source.layout.pad == "eos" else 0)
 
 
