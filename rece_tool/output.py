@@ -43,8 +43,13 @@ def check_destination(out_dir: Path, name: str, overwrite: bool) -> None:
             raise OutputError("already exists", path=target, hint="pass --overwrite to replace it")
 
 
-def _check_dir(out_dir: Path) -> Path:
+def _check_dir(out_dir: Path) -> tuple[Path, list[Path]]:
+    """The output folder, created if missing, and the folders this call created (outermost first)."""
     _refuse_unusable_dir(out_dir)
+    created = []
+    for folder in reversed([out_dir, *out_dir.parents]):
+        if not folder.exists() and not folder.is_symlink():
+            created.append(folder)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -52,7 +57,16 @@ def _check_dir(out_dir: Path) -> Path:
                           field="output.dir") from None
     if not out_dir.is_dir():
         raise OutputError("is not a folder", path=out_dir, field="output.dir")
-    return out_dir.resolve()
+    return out_dir.resolve(), created
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Folders a failed run created, innermost first, as long as nothing else was put in them."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def final_path(out_dir: Path, name: str) -> Path:
@@ -125,9 +139,10 @@ def _unlock(fd: int, lock_path: Path) -> None:
 @contextmanager
 def staged_output(out_dir: Path, name: str, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh staging folder; on normal exit it replaces `<out_dir>/<name>` atomically."""
-    out_dir = _check_dir(out_dir)
+    out_dir, created = _check_dir(out_dir)
     target = final_path(out_dir, name)
     lock_fd, lock_path = _lock(out_dir, name, target)
+    promoted = False
     try:
         # Staging folders of runs that were killed outright (SIGKILL) are ours to clear; an
         # old output set aside by a run killed mid-promotion is put back, never deleted.
@@ -161,10 +176,13 @@ def staged_output(out_dir: Path, name: str, overwrite: bool) -> Iterator[Path]:
                     exc.path = str(target / Path(exc.path).relative_to(staging))
                 raise
             _promote(staging, target)
+            promoted = True
         finally:
             _remove(staging)
     finally:
         _unlock(lock_fd, lock_path)
+        if not promoted:
+            _remove_if_empty(created)
 
 
 def _promote(staging: Path, target: Path) -> None:
