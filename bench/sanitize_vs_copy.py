@@ -56,14 +56,12 @@ def profile_once(manifest: Path, out_dir: Path, key: Path, folder: Path) -> None
         ("    TextEmbedder.embed", t("text.py", "embed")),
         ("    concept_set_transform (math)", t("erase.py", "concept_set_transform")),
         ("    audit_set (weight audit)", t("weights.py", "audit_set")),
-        ("    _write_model", t("sanitize.py", "_write_model")),
+        ("    _ModelWriter.finish (K/V in, wait for the copy, header, file hash)", t("sanitize.py", "finish")),
         ("      _edited_bytes (apply T to K/V)", t("sanitize.py", "_edited_bytes")),
-        ("      write_edited (stream + 2 sha256)", t("safetensors_format.py", "write_edited")),
-        ("        sha256 update (all calls in process)", t("~", "<method 'update' of '_hashlib.HASH' objects>")),
-        ("        os.fsync", t("~", "<built-in method posix.fsync>")),
-        ("      _header_sha256", t("sanitize.py", "_header_sha256")),
+        ("      EditedCopy.finish (wait, header, whole-file sha256 + fsync)", t("edited_copy.py", "finish")),
+        ("        _hash_fd on the main thread (whole-file sha256)", t("edited_copy.py", "_hash_fd")),
         ("    write_audit + write_html", t("report.py", "write_audit") + t("report.py", "write_html")),
-        ("    sign_folder (model_signing re-hashes the output)", t("signing.py", "sign_folder")),
+        ("    sign_folder (model file digest known; small files hashed)", t("signing.py", "sign_folder")),
     ]
     c.say("profile (one signed run under cProfile; cumulative seconds):")
     for label, sec in rows:

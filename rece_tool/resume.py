@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from . import __version__
-from .checkpoint.safetensors_format import COPY_CHUNK, header_sha256
+from .checkpoint.safetensors_format import READ_CHUNK, header_sha256
 from .manifest import CheckpointSpec, Manifest
 
 
@@ -34,7 +34,7 @@ def file_sha256(path: Path) -> str:
     """"0x" + sha256 of a whole file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(COPY_CHUNK):
+        while chunk := f.read(READ_CHUNK):
             h.update(chunk)
     return "0x" + h.hexdigest()
 

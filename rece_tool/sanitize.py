@@ -10,6 +10,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,8 @@ from .audit import gates as gate_rules
 from .audit.images import ImageAudit
 from .audit.weights import SetMetrics, audit_set
 from .checkpoint.layout import Checkpoint, WeightFile, open_checkpoint
-from .checkpoint.safetensors_format import header_sha256, read_tensor, tensor_bytes, write_edited
+from .checkpoint.edited_copy import EditedCopy, StreamResult
+from .checkpoint.safetensors_format import header_sha256, read_tensor, tensor_bytes
 from .erase import ConceptSetMath, EraseTarget
 from .errors import BadInput, NumericError
 from .manifest import CheckpointSpec, ConceptSet, Manifest
@@ -114,57 +116,57 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
     device = resolve_device(options.device)
     ckpt = open_checkpoint(spec.path)
     sets = manifest.sets_for(spec)
-
+    settings = [cs.settings() for cs in sets]
     source_kv: dict[tuple[int, str], torch.Tensor] = {}
     for i, wf in enumerate(ckpt.weight_files):
         for key in wf.kv_keys:
             w = read_tensor(wf.header, key)
             erase.check_finite(w, f"{wf.header.path}: {key}")
             source_kv[(i, key)] = w
-    source_gram = erase.gram(source_kv.values())
-    lap("read_kv")
+    with staged_output(manifest.output_dir, spec.name, options.overwrite) as staging, \
+            _ModelWriter(ckpt, spec, staging, settings, options) as writer:
+        # From here on the untouched bytes stream into place in the background.
+        source_gram = erase.gram(source_kv.values())
+        lap("read_kv")
 
-    embedder = embedder_for(ckpt, spec.tokenizer, device, options.embedders)
-    lap("load_text_encoder")
-    texts = _texts_of(sets)
-    bar = _bar(options, total=len(texts), desc=f"{spec.name}: embedding texts", unit="text")
-    emb = embedder.embed(texts, progress=bar.update if bar else None)
-    if bar:
-        bar.close()
-    lap("embed")
+        embedder = embedder_for(ckpt, spec.tokenizer, device, options.embedders)
+        lap("load_text_encoder")
+        texts = _texts_of(sets)
+        bar = _bar(options, total=len(texts), desc=f"{spec.name}: embedding texts", unit="text")
+        emb = embedder.embed(texts, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        lap("embed")
 
-    # Image smoke audit: source images first, so that select = "best" can score each round.
-    images = ImageAudit.begin(manifest.audit.images, ckpt, spec, device, lambda **kw: _bar(options, **kw))
-    lap("images_source")
+        # Image smoke audit: source images first, so that select = "best" can score each round.
+        images = ImageAudit.begin(manifest.audit.images, ckpt, spec, device, lambda **kw: _bar(options, **kw))
+        lap("images_source")
 
-    transform = torch.eye(ckpt.kv_width, dtype=torch.float64)
-    solved: list[tuple[ConceptSet, ConceptSetMath, erase.SetResult]] = []
-    for cs in sets:
-        math = _math_spec(cs, emb)
-        try:
-            result = erase.concept_set_transform(source_gram, transform, math)
-        except NumericError as exc:
-            raise NumericError(exc.message, path=manifest.path,
-                               field=f"concept_set {cs.name!r} {exc.field}", hint=exc.hint) from None
-        images.select_round(cs, result)  # select = "best": the round with the fewest nude images
-        transform = result.transform
-        solved.append((cs, math, result))
-    lap("erase")
+        transform = torch.eye(ckpt.kv_width, dtype=torch.float64)
+        solved: list[tuple[ConceptSet, ConceptSetMath, erase.SetResult]] = []
+        for cs in sets:
+            math = _math_spec(cs, emb)
+            try:
+                result = erase.concept_set_transform(source_gram, transform, math)
+            except NumericError as exc:
+                raise NumericError(exc.message, path=manifest.path,
+                                   field=f"concept_set {cs.name!r} {exc.field}", hint=exc.hint) from None
+            images.select_round(cs, result)  # select = "best": the round with the fewest nude images
+            transform = result.transform
+            solved.append((cs, math, result))
+        lap("erase")
 
-    set_metrics = [audit_set(math, list(cs.preserve), {p: emb[p].rows for p in cs.probes},
-                             transform, result.rounds, source_gram)
-                   for cs, math, result in solved]
-    gates = _evaluate_gates(manifest, set_metrics)
-    lap("audit")
-    gates += images.evaluate(transform)  # renders the final W·T; image gates join the others
-    lap("images_sanitized")
+        set_metrics = [audit_set(math, list(cs.preserve), {p: emb[p].rows for p in cs.probes},
+                                 transform, result.rounds, source_gram)
+                       for cs, math, result in solved]
+        gates = _evaluate_gates(manifest, set_metrics)
+        lap("audit")
+        gates += images.evaluate(transform)  # renders the final W·T; image gates join the others
+        lap("images_sanitized")
 
-    settings = [cs.settings() for cs in sets]
-    summary = report.header_summary(set_metrics, gates)
-    sign_key = options.signing_key if all(g.passed for g in gates) else None
-    with staged_output(manifest.output_dir, spec.name, options.overwrite) as staging:
-        files, layer_change = _write_model(ckpt, spec, staging, transform, settings, summary, device,
-                                           options, source_kv)
+        summary = report.header_summary(set_metrics, gates)
+        sign_key = options.signing_key if all(g.passed for g in gates) else None
+        files, layer_change = writer.finish(transform, device, summary, source_kv)
         lap("write")
         audit = _audit_document(manifest, spec, ckpt, settings, set_metrics, layer_change, gates,
                                 files, timings, device, options.signing_key, sign_key)
@@ -173,7 +175,7 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
         report.write_html(staging / "report.html", audit)
         if sign_key is not None:
             from .signing import sign_folder
-            sign_folder(staging, sign_key, f"{spec.name}.sig")
+            sign_folder(staging, sign_key, f"{spec.name}.sig", known_sha256=writer.file_sha256)
             lap("sign")
     return CheckpointResult(spec.name, manifest.output_dir / spec.name, audit, gates, sign_key is not None)
 
@@ -212,59 +214,89 @@ def _edited_bytes(wf: WeightFile, key: str, transform: torch.Tensor, device: tor
     return tensor_bytes(new), change
 
 
-def _write_model(ckpt: Checkpoint, spec: CheckpointSpec, staging: Path, transform: torch.Tensor,
-                 settings: list[dict], summary: dict, device: torch.device, options: Options,
-                 source_kv: dict[tuple[int, str], torch.Tensor]):
-    date = provenance.release_date()
-    if ckpt.is_folder:
-        model_root = staging / spec.name
-        rewritten = {wf.relpath for wf in ckpt.weight_files}
-        for src in sorted(ckpt.path.rglob("*")):
-            rel = src.relative_to(ckpt.path)
-            dst = model_root / rel
-            if src.is_dir() and not src.is_symlink():
-                dst.mkdir(parents=True, exist_ok=True)
-            elif rel not in rewritten:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                copy_file(src, dst)
-    else:
-        model_root = staging
+class _ModelWriter:
+    """The output's model files, copied in the background from the moment a run starts; the
+    edited K/V bytes and the final headers (provenance, audit summary, hashes) go in at `finish`."""
 
-    files, layer_change = [], {}
-    total = sum(wf.header.file_size for wf in ckpt.weight_files)
-    bar = _bar(options, total=total, desc=f"{spec.name}: writing", unit="B", unit_scale=True,
-               unit_divisor=1024)
-    for index, wf in enumerate(ckpt.weight_files):
-        replacements: dict[str, bytes] = {}
-        for key in wf.kv_keys:
-            replacements[key], layer_change[str(wf.relpath) + ":" + key if ckpt.is_folder else key] = \
-                _edited_bytes(wf, key, transform, device, source_kv[(index, key)])
-        for key, twin in wf.ema_twins.items():
-            replacements[twin], layer_change[twin] = _edited_bytes(wf, twin, transform, device)
-        out_path = (model_root / wf.relpath) if ckpt.is_folder else staging / f"{spec.name}.safetensors"
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        title = wf.header.metadata.get("modelspec.title", spec.name)
+    def __init__(self, ckpt: Checkpoint, spec: CheckpointSpec, staging: Path, settings: list[dict],
+                 options: Options):
+        self.ckpt, self.spec, self.staging, self.settings = ckpt, spec, staging, settings
+        self.date = provenance.release_date()
+        self.file_sha256: dict[Path, str] = {}  # every file written whole-file hashed, for the signer
+        self._stack = ExitStack()
+        self._options = options
+        self._bar = None
+        self._copies: list[tuple[int, WeightFile, Path, EditedCopy]] = []
 
-        def meta(result=None, _title=title, _wf=wf):
-            hashes = {} if result is None else {"source_sha256": result.source_sha256,
-                                                "data_sha256": result.data_sha256}
-            return provenance.header_metadata(
-                _wf.header.metadata, architecture=_architecture(_wf, ckpt), title=_title,
-                concept_sets=settings, audit_summary=summary, date=date, **hashes)
+    def __enter__(self) -> "_ModelWriter":
+        ckpt, staging = self.ckpt, self.staging
+        with ExitStack() as stack:
+            self._bar = _bar(self._options, total=sum(wf.header.file_size - wf.header.data_start
+                                                      for wf in ckpt.weight_files),
+                             desc=f"{self.spec.name}: writing", unit="B", unit_scale=True, unit_divisor=1024)
+            if self._bar is not None:
+                stack.callback(self._bar.close)
+            model_root = staging / self.spec.name if ckpt.is_folder else staging
+            if ckpt.is_folder:
+                _copy_folder_rest(ckpt, model_root)
+            placeholder = report.header_summary_placeholder([s["name"] for s in self.settings])
+            for index, wf in enumerate(ckpt.weight_files):
+                out_path = (model_root / wf.relpath) if ckpt.is_folder else staging / f"{self.spec.name}.safetensors"
+                out_path.parent.mkdir(parents=True, exist_ok=True)
+                copy = stack.enter_context(EditedCopy(
+                    wf.header, [*wf.kv_keys, *wf.ema_twins.values()], out_path,
+                    self._metadata(wf, placeholder), progress=self._bar.update if self._bar else None))
+                self._copies.append((index, wf, out_path, copy))
+            self._stack = stack.pop_all()
+        return self
 
-        result = write_edited(wf.header, replacements, out_path, meta, meta(),
-                              progress=bar.update if bar else None)
-        files.append({
-            "path": str(out_path.relative_to(staging)),
-            "source": str(wf.header.path),
-            "source_sha256": result.source_sha256,
-            "data_sha256": result.data_sha256,
-            "header_sha256": header_sha256(out_path),
-            "bytes": result.bytes_written,
-        })
-    if bar:
-        bar.close()
-    return files, layer_change
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _metadata(self, wf: WeightFile, summary: dict, result: StreamResult | None = None) -> dict[str, str]:
+        hashes = {} if result is None else {"source_sha256": result.source_sha256,
+                                            "data_sha256": result.data_sha256}
+        return provenance.header_metadata(
+            wf.header.metadata, architecture=_architecture(wf, self.ckpt),
+            title=wf.header.metadata.get("modelspec.title", self.spec.name),
+            concept_sets=self.settings, audit_summary=summary, date=self.date, **hashes)
+
+    def finish(self, transform: torch.Tensor, device: torch.device, summary: dict,
+               source_kv: dict[tuple[int, str], torch.Tensor]) -> tuple[list[dict], dict[str, float]]:
+        files, layer_change = [], {}
+        for index, wf, out_path, copy in self._copies:
+            for key in wf.kv_keys:
+                blob, change = _edited_bytes(wf, key, transform, device, source_kv[(index, key)])
+                copy.put(key, blob)
+                layer_change[str(wf.relpath) + ":" + key if self.ckpt.is_folder else key] = change
+            for twin in wf.ema_twins.values():
+                blob, layer_change[twin] = _edited_bytes(wf, twin, transform, device)
+                copy.put(twin, blob)
+            result = copy.finish(lambda r, _wf=wf: self._metadata(_wf, summary, r))
+            self.file_sha256[out_path] = result.file_sha256
+            files.append({
+                "path": str(out_path.relative_to(self.staging)),
+                "source": str(wf.header.path),
+                "source_sha256": result.source_sha256,
+                "data_sha256": result.data_sha256,
+                "header_sha256": header_sha256(out_path),
+                "bytes": result.bytes_written,
+            })
+        self._stack.close()
+        return files, layer_change
+
+
+def _copy_folder_rest(ckpt: Checkpoint, model_root: Path) -> None:
+    """A diffusers folder's files other than the UNet weights, copied as they are."""
+    rewritten = {wf.relpath for wf in ckpt.weight_files}
+    for src in sorted(ckpt.path.rglob("*")):
+        rel = src.relative_to(ckpt.path)
+        dst = model_root / rel
+        if src.is_dir() and not src.is_symlink():
+            dst.mkdir(parents=True, exist_ok=True)
+        elif rel not in rewritten:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            copy_file(src, dst)
 
 
 def _architecture(wf: WeightFile, ckpt: Checkpoint) -> str:

@@ -36,6 +36,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from cryptography import exceptions as crypto_exceptions
 from cryptography.hazmat.primitives import serialization
@@ -267,14 +268,65 @@ def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
 
 # ----------------------------------------------------------------------------- folders
 
-def _hashing_config(signature_name: str):
+def _hashing_config(signature_name: str, known_sha256: Mapping[Path, str] | None = None):
     import model_signing
 
     # Whole folder: file-level SHA-256 (what the CLI verifier re-hashes with), git-looking
     # files included, symlinks refused, only the signature itself left out.
-    return (model_signing.hashing.Config()
-            .use_file_serialization(hashing_algorithm=HASH_ALGORITHM, allow_symlinks=False)
+    config = model_signing.hashing.Config()
+    if known_sha256:
+        try:
+            config = _known_digests_config_class()(known_sha256)
+        except (ImportError, AttributeError, TypeError):  # a model-signing without the hook
+            pass
+    return (config.use_file_serialization(hashing_algorithm=HASH_ALGORITHM, allow_symlinks=False)
             .set_ignored_paths(paths=[signature_name], ignore_git_paths=False))
+
+
+def _known_digests_config_class():
+    """model-signing's hashing config, told the SHA-256 of files rece-tool has just written.
+
+    The model file was hashed whole as it was finished (`EditedCopy.finish`, reading the file
+    back while the kernel flushed it); hashing it again here would be the slowest step of
+    signing. Every other file is hashed by model-signing as usual. This hooks model-signing's
+    file-hasher factory (`_build_file_hasher_factory`, stable through 1.x); if a release
+    changes it, `_hashing_config` falls back to letting model-signing hash everything.
+    """
+    from model_signing import hashing
+    from model_signing._hashing import hashing as engines
+    from model_signing._hashing import io as file_io
+
+    class KnownDigest(file_io.FileHasher):
+        def __init__(self, inner, digest: bytes):
+            self._inner, self._digest = inner, digest
+
+        @property
+        def digest_name(self) -> str:
+            return self._inner.digest_name
+
+        @property
+        def digest_size(self) -> int:
+            return self._inner.digest_size
+
+        def compute(self):
+            return engines.Digest(self._inner.digest_name, self._digest)
+
+    class KnownDigestsConfig(hashing.Config):
+        def __init__(self, known: Mapping[Path, str]):
+            self._known = {os.path.abspath(p): bytes.fromhex(d.removeprefix("0x")) for p, d in known.items()}
+            super().__init__()
+
+        def _build_file_hasher_factory(self, hashing_algorithm, *args, **kwargs):
+            inner = super()._build_file_hasher_factory(hashing_algorithm, *args, **kwargs)
+            known = self._known if hashing_algorithm == HASH_ALGORITHM else {}
+
+            def factory(path):
+                hasher = inner(path)
+                digest = known.get(os.path.abspath(path)) if str(path) else None
+                return hasher if digest is None else KnownDigest(hasher, digest)
+            return factory
+
+    return KnownDigestsConfig
 
 
 def _check_signature_name(signature_name: str) -> None:
@@ -308,8 +360,12 @@ def _walk(folder: Path) -> tuple[set[str], list[str]]:
     return files, odd
 
 
-def sign_folder(folder: Path, key: SigningKey, signature_name: str) -> Path:
+def sign_folder(folder: Path, key: SigningKey, signature_name: str,
+                known_sha256: Mapping[Path, str] | None = None) -> Path:
     """Signs every file under `folder` (recursively) except `<folder>/<signature_name>`.
+
+    `known_sha256` ("0x" + hex by path) are digests of files the caller has just written and
+    hashed; they are signed as given instead of being read again.
 
     The signature is written atomically (a temporary file in the folder, then `os.replace`),
     so a crash leaves either the old signature or the new one, never half of one.
@@ -328,7 +384,7 @@ def sign_folder(folder: Path, key: SigningKey, signature_name: str) -> Path:
     try:
         config = (model_signing.signing.Config()
                   .use_elliptic_key_signer(private_key=key.path, password=key.password)
-                  .set_hashing_config(_hashing_config(signature_name)))
+                  .set_hashing_config(_hashing_config(signature_name, known_sha256)))
     except (ValueError, TypeError, OSError, crypto_exceptions.UnsupportedAlgorithm) as err:
         raise SigningError(f"cannot load the private key: {err}", path=key.path) from err
     try:

@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint.safetensors_format import COPY_CHUNK, read_header
+from .checkpoint.safetensors_format import READ_CHUNK, read_header
 from .errors import BadInput, CheckpointError
 from .signing import SIGNATURE_SUFFIX, SignatureInvalid, verify_folder
 
@@ -65,7 +65,7 @@ def _data_sha256(path: Path) -> tuple[str, str, dict]:
     with open(path, "rb") as f:
         head = f.read(header.data_start)
         h = hashlib.sha256()
-        while chunk := f.read(COPY_CHUNK):
+        while chunk := f.read(READ_CHUNK):
             h.update(chunk)
     return "0x" + hashlib.sha256(head).hexdigest(), "0x" + h.hexdigest(), header.metadata
 

@@ -17,7 +17,7 @@ What we enforce before trusting a byte of it:
   (no overlap, no gap, no trailing bytes).
 
 The rest of the code never parses these bytes itself: it asks for a `Header`, reads tensors
-with `read_tensor`, and writes edited copies with `write_edited`.
+with `read_tensor`; `edited_copy.EditedCopy` writes edited copies.
 """
 
 from __future__ import annotations
@@ -27,19 +27,18 @@ import json
 import os
 import stat
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 
-from ..errors import CheckpointError, WriteFailure
+from ..errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
 MAX_TENSORS = 1_000_000
 MAX_JSON_DEPTH = 4  # {name: {"shape": [..], "data_offsets": [..]}} is depth 3
-COPY_CHUNK = 16 * 1024 * 1024
+READ_CHUNK = 16 * 1024 * 1024  # streaming reads and hashes
 
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),
@@ -284,142 +283,3 @@ def serialize_header(header: Header, metadata: Mapping[str, str]) -> bytes:
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     body += b" " * (-len(body) % 8)
     return struct.pack("<Q", len(body)) + body
-
-
-@dataclass
-class StreamResult:
-    source_sha256: str  # of the whole source file
-    data_sha256: str    # of the output's data region (ModelSpec's "hash of the tensor data")
-    bytes_written: int
-
-
-def write_edited(header: Header, replacements: Mapping[str, bytes], out_path: Path,
-                 metadata: Callable[[StreamResult], Mapping[str, str]],
-                 placeholder: Mapping[str, str], progress: Callable[[int], None] | None = None,
-                 ) -> StreamResult:
-    """Stream `header.path` to `out_path`, replacing the bytes of the named tensors.
-
-    One pass over the source: every byte is read once, hashed into the source hash, written
-    (or swapped for its replacement), hashed into the output data hash. The source hash runs
-    on a second thread (hashlib releases the GIL), beside the output hash and the write. The header is written
-    first with `placeholder` metadata of the final values' exact lengths, then rewritten in
-    place once `metadata(result)` can be computed from the hashes; its length must not change.
-    The file appears at `out_path` only complete (temporary file in the same folder, fsync,
-    rename); on any failure or interrupt the temporary file is removed.
-    """
-    for name, blob in replacements.items():
-        if len(blob) != header.tensors[name].nbytes:
-            raise ValueError(f"replacement for {name} has {len(blob)} bytes, "
-                             f"expected {header.tensors[name].nbytes}")
-    draft = serialize_header(header, placeholder)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    out_hash = hashlib.sha256()
-    try:
-        with open(header.path, "rb", buffering=0) as src, open(tmp, "xb", buffering=0) as dst, \
-                _BackgroundHash() as src_hash:
-            prefix = src.read(header.data_start)
-            if prefix != header.raw:
-                raise CheckpointError("changed while being read", path=header.path)
-            src_hash.update(prefix)
-            _write_all(dst, draft)
-            by_offset = header.entries_by_offset()
-            buf = bytearray(COPY_CHUNK)
-            view = memoryview(buf)
-            i = 0
-            while i < len(by_offset):
-                entry = by_offset[i]
-                if entry.name in replacements:
-                    chunk = _read_exact(src, entry.nbytes, header.path)
-                    src_hash.update(chunk)
-                    new = replacements[entry.name]
-                    out_hash.update(new)
-                    _write_all(dst, new)
-                    if progress:
-                        progress(entry.nbytes)
-                    i += 1
-                    continue
-                # Coalesce a run of untouched tensors into one copy.
-                j = i
-                while j < len(by_offset) and by_offset[j].name not in replacements:
-                    j += 1
-                remaining = by_offset[j - 1].end - entry.begin
-                while remaining:
-                    src_hash.wait()  # the buffer is about to be overwritten
-                    got = src.readinto(view[:min(COPY_CHUNK, remaining)])
-                    if not got:
-                        raise CheckpointError("file ended early while copying", path=header.path)
-                    part = view[:got]
-                    src_hash.update(part)
-                    out_hash.update(part)
-                    _write_all(dst, part)
-                    remaining -= got
-                    if progress:
-                        progress(got)
-                i = j
-            if src.read(1):
-                raise CheckpointError("changed while being read (grew)", path=header.path)
-            src_hash.wait()
-            result = StreamResult("0x" + src_hash.hexdigest(), "0x" + out_hash.hexdigest(),
-                                  len(draft) + header.file_size - header.data_start)
-            final = serialize_header(header, metadata(result))
-            if len(final) != len(draft):
-                raise AssertionError("header length changed between draft and final")
-            os.pwrite(dst.fileno(), final, 0)
-            os.fsync(dst.fileno())
-        os.replace(tmp, out_path)
-        return result
-    except OSError as exc:
-        _unlink(tmp)
-        raise WriteFailure(f"writing failed: {exc.strerror or exc}", path=out_path,
-                           hint="check free space and permissions; nothing was left behind") from exc
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-class _BackgroundHash:
-    """A sha256 fed on a worker thread, in order; `wait()` before reusing a buffer handed to it."""
-
-    def __init__(self):
-        self._hash = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="rece-sha256")
-        self._pending = None
-
-    def update(self, data) -> None:
-        self._pending = self._pool.submit(self._hash.update, data)
-
-    def wait(self) -> None:
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-
-    def hexdigest(self) -> str:
-        self.wait()
-        return self._hash.hexdigest()
-
-    def __enter__(self) -> "_BackgroundHash":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=True)
-
-
-def _read_exact(f, n: int, path: Path) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise CheckpointError("file ended early while copying", path=path)
-    return data
-
-
-def _write_all(f, data) -> None:
-    view = memoryview(data)
-    while view:
-        n = f.write(view)
-        view = view[n:]
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
