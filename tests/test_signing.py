@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -119,6 +120,24 @@ def test_sign_then_both_verifiers_pass(signed, keypair):
     assert "Verification succeeded" in r.stdout
     r = _cli_verify(signed, pub, "--no-ignore-git-paths")
     assert r.returncode == 0, r.stderr
+
+
+def test_known_digest_is_signed_as_given(tmp_path, keypair):
+    """A digest the writer took as it finished the file is signed without a re-read: the right
+    one verifies in both verifiers, a wrong one fails both (so it really is what gets signed)."""
+    priv, pub = keypair
+    folder = _make_output(tmp_path)
+    model = folder / "tiny.safetensors"
+    key = signing.load_private_key(priv)
+    right = "0x" + hashlib.sha256(model.read_bytes()).hexdigest()
+    signing.sign_folder(folder, key, SIG, known_sha256={model: right})
+    assert signing.verify_folder(folder, pub, SIG) == key.fingerprint
+    assert _cli_verify(folder, pub, "--no-ignore-git-paths").returncode == 0
+    signing.sign_folder(folder, key, SIG, known_sha256={model: "0x" + "0" * 64})
+    with pytest.raises(signing.SignatureInvalid, match="tiny.safetensors"):
+        signing.verify_folder(folder, pub, SIG)
+    r = _cli_verify(folder, pub, "--no-ignore-git-paths")
+    assert r.returncode != 0 and "tiny.safetensors" in r.stderr
 
 
 def test_signature_covers_every_file_and_nothing_left_behind(signed):
