@@ -166,7 +166,8 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
 
         summary = report.header_summary(set_metrics, gates)
         sign_key = options.signing_key if all(g.passed for g in gates) else None
-        files, layer_change = writer.finish(transform, device, summary, source_kv)
+        files, layer_change = writer.finish(transform, device, summary, source_kv,
+                                            hash_files=sign_key is not None)
         lap("write")
         audit = _audit_document(manifest, spec, ckpt, settings, set_metrics, layer_change, gates,
                                 files, timings, device, options.signing_key, sign_key)
@@ -262,7 +263,8 @@ class _ModelWriter:
             concept_sets=self.settings, audit_summary=summary, date=self.date, **hashes)
 
     def finish(self, transform: torch.Tensor, device: torch.device, summary: dict,
-               source_kv: dict[tuple[int, str], torch.Tensor]) -> tuple[list[dict], dict[str, float]]:
+               source_kv: dict[tuple[int, str], torch.Tensor], hash_files: bool,
+               ) -> tuple[list[dict], dict[str, float]]:
         files, layer_change = [], {}
         for index, wf, out_path, copy in self._copies:
             for key in wf.kv_keys:
@@ -272,8 +274,9 @@ class _ModelWriter:
             for twin in wf.ema_twins.values():
                 blob, layer_change[twin] = _edited_bytes(wf, twin, transform, device)
                 copy.put(twin, blob)
-            result = copy.finish(lambda r, _wf=wf: self._metadata(_wf, summary, r))
-            self.file_sha256[out_path] = result.file_sha256
+            result = copy.finish(lambda r, _wf=wf: self._metadata(_wf, summary, r), hash_file=hash_files)
+            if result.file_sha256:
+                self.file_sha256[out_path] = result.file_sha256
             files.append({
                 "path": str(out_path.relative_to(self.staging)),
                 "source": str(wf.header.path),

@@ -339,7 +339,8 @@ def encoder_fingerprint(weights: dict[str, torch.Tensor]) -> str:
     for name in sorted(weights):
         t = weights[name].contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().data)  # the tensor's own memory, no copy
     return h.hexdigest()
 
 

@@ -159,3 +159,17 @@ def test_unwritable_destination_is_a_write_failure(source, tmp_path):
     with pytest.raises(WriteFailure):
         with EditedCopy(read_header(src), EDITED, tmp_path / "missing" / "out.safetensors", meta()):
             pass
+
+
+def test_whole_file_hash_only_when_asked(source, tmp_path):
+    src, tensors = source
+    header = read_header(src)
+    new = edited_values(tensors)
+    out = tmp_path / "out.safetensors"
+    with EditedCopy(header, EDITED, out, meta()) as copy:
+        for name in EDITED:
+            copy.put(name, tensor_bytes(new[name]))
+        result = copy.finish(meta, hash_file=False)
+    assert result.file_sha256 == ""
+    raw = out.read_bytes()
+    assert result.data_sha256 == "0x" + hashlib.sha256(raw[read_header(out).data_start:]).hexdigest()

@@ -41,7 +41,7 @@ class StreamResult:
     source_sha256: str  # of the whole source file
     data_sha256: str    # of the output's data region (ModelSpec's "hash of the tensor data")
     bytes_written: int
-    file_sha256: str = ""  # of the whole output file, as a signature records it
+    file_sha256: str = ""  # of the whole output file, as a signature records it ("": not asked for)
 
 
 class _Cancelled(Exception):
@@ -125,9 +125,10 @@ class EditedCopy:
         if self._progress:
             self._progress(len(blob))
 
-    def finish(self, metadata: Callable[[StreamResult], Mapping[str, str]]) -> StreamResult:
+    def finish(self, metadata: Callable[[StreamResult], Mapping[str, str]],
+               hash_file: bool = True) -> StreamResult:
         """Wait for the workers, write the final header (`metadata(result)`), hash the whole
-        file, fsync, rename into place."""
+        file (`hash_file`: for a signature), fsync, rename into place."""
         missing = self._edited - self._put
         if missing:
             raise ValueError(f"edited tensors never put: {sorted(missing)}")
@@ -147,10 +148,13 @@ class EditedCopy:
             else:
                 self._rewrite_with(final)
                 result.bytes_written = len(final) + self._data_size
-            # Hash what is in the file (from the page cache) while the kernel flushes it.
-            flushed = _Background(os.fsync, self._dst)
-            result.file_sha256 = "0x" + _hash_fd(self._dst, 0, result.bytes_written, self._cancel).hexdigest()
-            flushed.result()
+            if hash_file:  # what is in the file (from the page cache), while the kernel flushes it
+                flushed = _Background(os.fsync, self._dst)
+                result.file_sha256 = "0x" + _hash_fd(self._dst, 0, result.bytes_written,
+                                                     self._cancel).hexdigest()
+                flushed.result()
+            else:
+                os.fsync(self._dst)
             os.close(self._dst)
             self._dst = -1
             os.replace(self._tmp, self.out_path)
