@@ -1,4 +1,4 @@
-"""The edit math alone: erase.gram + concept_set_transform + apply_transform on every K/V matrix.
+"""The edit math alone: erase.gram + concept_set_transform + kv_edit(T).apply on every K/V matrix.
 
 Random fp16 weights and random float32 embeddings with the real shapes, the nudity preset's
 settings (1 concept "nudity" = 4 tokens incl. BOS/EOS, guide " ", preserve [""], UCE pass + 3
@@ -61,9 +61,12 @@ def product(weights, concept, guide, empty):
     t1 = time.perf_counter()
     result = erase.concept_set_transform(s, torch.eye(s.shape[0], dtype=torch.float64), spec)
     t2 = time.perf_counter()
-    new = [erase.apply_transform(w, result.transform) for w in weights]
+    edit = erase.kv_edit(result.transform)
     t3 = time.perf_counter()
-    return new, {"gram": t1 - t0, "transform": t2 - t1, "apply": t3 - t2, "total": t3 - t0}
+    new = [edit.apply(w) for w in weights]
+    t4 = time.perf_counter()
+    return new, {"gram": t1 - t0, "transform": t2 - t1, "kv_edit": t3 - t2, "apply": t4 - t3,
+                 "total": t4 - t0, "rank": edit.rank}
 
 
 def baseline(weights, concept, guide, empty, sample: dict[int, int] | None, dtype=torch.float32):
@@ -149,8 +152,10 @@ def main() -> int:
         for i in range(reps):
             new, t = product(weights, concept, guide, empty)
             runs.append(t)
+            rank = "full T" if t["rank"] is None else f"T - I of rank {t['rank']}"
             c.say(f"  product run {i + 1}: total {t['total']:.3f} s  (gram {t['gram']:.3f}, "
-                  f"transform {t['transform']:.3f}, apply {t['apply']:.3f})")
+                  f"transform {t['transform']:.3f}, kv_edit {t['kv_edit']:.3f}, apply {t['apply']:.3f}; "
+                  f"{rank})")
         prod = c.median([r["total"] for r in runs])
 
         sample = None

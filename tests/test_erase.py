@@ -29,7 +29,8 @@ def _tool(source, twins, sets):
     t = torch.eye(D, dtype=torch.float64)
     for spec in sets:
         t = erase.concept_set_transform(s, t, spec).transform
-    return [erase.apply_transform(w, t) for w in source], [erase.apply_transform(w, t) for w in twins]
+    edit = erase.kv_edit(t)
+    return [edit.apply(w) for w in source], [edit.apply(w) for w in twins]
 
 
 def _pair(gen, tokens, guide_tokens, name="c", guide="g"):
