@@ -7,7 +7,7 @@ erased artist is a 1,735th name, not among them. The concept set is resolved by 
 manifest loader (preset "artist": guide "art", 1 RECE round, reg 1e-3, preserve = "" + the file).
 
 Measured: tokenizer + text encoder load, embedding of every distinct text (batched), the edit
-(gram + concept_set_transform + apply_transform to the 32 K/V matrices). Target: embed + edit
+(gram + concept_set_transform + kv_edit(T).apply to the 32 K/V matrices). Target: embed + edit
 ≤ 5 min on CPU.
 
 Baseline: the research code's flow, which re-encodes every text inside each layer's loop (UCE's
@@ -160,7 +160,8 @@ def main() -> int:
         s = erase.gram(kv)
         math = sanitize._math_spec(cs, emb)
         result = erase.concept_set_transform(s, torch.eye(s.shape[0], dtype=torch.float64), math)
-        new = [erase.apply_transform(w, result.transform) for w in kv]
+        edit = erase.kv_edit(result.transform)
+        new = [edit.apply(w) for w in kv]
         t_edit = time.perf_counter() - t
         c.say(f"  edit (gram + transform + apply)      {t_edit:8.2f} s")
         total = t_embed + t_edit

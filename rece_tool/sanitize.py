@@ -202,14 +202,14 @@ def _evaluate_gates(manifest: Manifest, metrics: list[SetMetrics]) -> list[gate_
     return gates
 
 
-def _edited_bytes(wf: WeightFile, key: str, transform: torch.Tensor, device: torch.device,
+def _edited_bytes(wf: WeightFile, key: str, edit: erase.KVEdit, device: torch.device,
                   source: torch.Tensor | None = None) -> tuple[bytes, float]:
     """The tensor's new bytes and its relative change; `source` if already read (and checked)."""
     w = source
     if w is None:
         w = read_tensor(wf.header, key)
         erase.check_finite(w, f"{wf.header.path}: {key}")
-    new = erase.apply_transform(w.to(device), transform).cpu()
+    new = edit.apply(w.to(device)).cpu()
     w64 = w.to(torch.float64)
     change = float(torch.linalg.norm(new.to(torch.float64) - w64) / max(float(torch.linalg.norm(w64)), 1e-300))
     return tensor_bytes(new), change
@@ -266,13 +266,14 @@ class _ModelWriter:
                source_kv: dict[tuple[int, str], torch.Tensor], hash_files: bool,
                ) -> tuple[list[dict], dict[str, float]]:
         files, layer_change = [], {}
+        edit = erase.kv_edit(transform)  # one T (or its low-rank factors) for every K/V tensor
         for index, wf, out_path, copy in self._copies:
             for key in wf.kv_keys:
-                blob, change = _edited_bytes(wf, key, transform, device, source_kv[(index, key)])
+                blob, change = _edited_bytes(wf, key, edit, device, source_kv[(index, key)])
                 copy.put(key, blob)
                 layer_change[str(wf.relpath) + ":" + key if self.ckpt.is_folder else key] = change
             for twin in wf.ema_twins.values():
-                blob, layer_change[twin] = _edited_bytes(wf, twin, transform, device)
+                blob, layer_change[twin] = _edited_bytes(wf, twin, edit, device)
                 copy.put(twin, blob)
             result = copy.finish(lambda r, _wf=wf: self._metadata(_wf, summary, r), hash_file=hash_files)
             if result.file_sha256:

@@ -316,8 +316,9 @@ class ImageAudit:
         """W·T for every K/V slot, computed as the writer computes it (same device, same dtype):
         by pipeline parameter, and by (weight file, checkpoint key) for the post-write check."""
         by_param, by_key = {}, {}
+        edit = erase.kv_edit(transform)  # deterministic: the same factors, the same bytes as the writer's
         for slot, w in self._source_kv.items():
-            new = erase.apply_transform(w.to(self.device), transform).cpu()
+            new = edit.apply(w.to(self.device)).cpu()
             by_param[slot.parameter] = new
             by_key[(self._index[id(slot.weight_file)], slot.key)] = new
         return by_param, by_key
