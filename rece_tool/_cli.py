@@ -14,6 +14,11 @@ import sys
 import warnings
 from pathlib import Path
 
+# Before torch loads OpenMP: its idle threads otherwise spin for a while after every parallel
+# op, taking the cores the background copy and hashing threads need (measured: a third more
+# CPU time and a quarter more wall time per checkpoint on 2 cores).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import click
 
 from . import __version__
@@ -117,7 +122,7 @@ def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, requi
     from .checkpoint.layout import open_checkpoint
     from .output import check_destination
     from .resume import already_done
-    from .sanitize import Options, plan, sanitize_checkpoint
+    from .sanitize import Options, plan, sanitize_checkpoints
     from .shard import parse_shard, select
 
     manifest = manifest_mod.load(manifest_path)
@@ -152,13 +157,12 @@ def sanitize(manifest_path: Path, only, device, dry_run, overwrite, junit, requi
                 skipped[spec.name] = reason
                 continue
         check_destination(manifest.output_dir, spec.name, overwrite)
-    results = []
     for spec in checkpoints:
         if spec.name in skipped:
             _say(f"{spec.name}: skipped, {skipped[spec.name]} ({manifest.output_dir / spec.name}/; "
                  "--overwrite redoes it)")
-            continue
-        result = sanitize_checkpoint(manifest, spec, options)
+    results = []
+    for result in sanitize_checkpoints(manifest, [c for c in checkpoints if c.name not in skipped], options):
         for line in report.text_summary(result.audit, result.folder):
             _say(line)
         results.append(result)
