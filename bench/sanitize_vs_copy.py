@@ -26,7 +26,7 @@ import _common as c  # noqa: E402
 
 GB = 10**9
 TARGETS = {"issue2_ratio": 1.5, "issue2_rss": 2 * GB, "issue6_ratio": 1.3, "issue6_rss": 1.5 * GB}
-STAGES = ["read_kv", "load_text_encoder", "embed", "erase", "audit", "write"]
+STAGES = ["read_kv", "load_text_encoder", "embed", "erase", "audit", "apply", "write"]
 
 
 def profile_once(manifest: Path, out_dir: Path, key: Path, folder: Path) -> None:
@@ -46,8 +46,9 @@ def profile_once(manifest: Path, out_dir: Path, key: Path, folder: Path) -> None
     total = run.seconds
     rows = [
         ("process total (wall, under cProfile)", total),
-        ("  imports + CLI + manifest before sanitize_checkpoint", total - t("sanitize.py", "sanitize_checkpoint")),
-        ("  sanitize_checkpoint", t("sanitize.py", "sanitize_checkpoint")),
+        ("  imports + CLI + manifest before the checkpoint", total - t("sanitize.py", "solve") - t("sanitize.py", "complete")),
+        ("  _CheckpointRun.solve (open, embed, erase, audit, K/V in)", t("sanitize.py", "solve")),
+        ("  _CheckpointRun.complete (headers, audit log, signature)", t("sanitize.py", "complete")),
         ("    read K/V tensors (read_tensor, all calls)", t("safetensors_format.py", "read_tensor")),
         ("    gram of source K/V", t("erase.py", "gram")),
         ("    TextEmbedder.__init__ (tokenizer + text encoder load)", t("text.py", "__init__")),
@@ -56,7 +57,8 @@ def profile_once(manifest: Path, out_dir: Path, key: Path, folder: Path) -> None
         ("    TextEmbedder.embed", t("text.py", "embed")),
         ("    concept_set_transform (math)", t("erase.py", "concept_set_transform")),
         ("    audit_set (weight audit)", t("weights.py", "audit_set")),
-        ("    _ModelWriter.finish (K/V in, wait for the copy, header, file hash)", t("sanitize.py", "finish")),
+        ("    _ModelWriter.put_edits (K/V in)", t("sanitize.py", "put_edits")),
+        ("    _ModelWriter.finish (wait for the copy, headers, file hash)", t("sanitize.py", "finish")),
         ("      _edited_bytes (apply T to K/V)", t("sanitize.py", "_edited_bytes")),
         ("      EditedCopy.finish (wait, header, whole-file sha256 + fsync)", t("edited_copy.py", "finish")),
         ("        _hash_fd on the main thread (whole-file sha256)", t("edited_copy.py", "_hash_fd")),

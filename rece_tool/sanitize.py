@@ -1,6 +1,6 @@
-"""One checkpoint through the whole flow of DESIGN.md §1: open, embed, erase, audit, write, sign.
+"""Checkpoints through the whole flow of DESIGN.md §1: open, embed, erase, audit, write, sign.
 
-The CLI calls `sanitize_checkpoint` per checkpoint and `plan` for `--dry-run`; everything the
+The CLI calls `sanitize_checkpoints` for a run and `plan` for `--dry-run`; everything the
 user can get wrong surfaces as a `ReceError`.
 """
 
@@ -10,10 +10,10 @@ import os
 import platform
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -104,43 +104,87 @@ def _bar(options: Options, **kwargs):
 
 
 def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Options) -> CheckpointResult:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    with closing(sanitize_checkpoints(manifest, [spec], options)) as results:
+        return next(results)
 
-    def lap(name: str) -> None:
-        nonlocal clock
+
+def sanitize_checkpoints(manifest: Manifest, specs: list[CheckpointSpec],
+                         options: Options) -> Iterator[CheckpointResult]:
+    """Each checkpoint's result, in order, from a two-stage pipeline: checkpoint k+1 is solved
+    while k's bytes are still being hashed and flushed to disk in the background.
+
+    A failure while solving k+1 still lets k finish first; an interrupt abandons both, leaving
+    nothing behind (each run's staging folder and temporary files are removed).
+    """
+    with ExitStack() as stack:
+        pending: _CheckpointRun | None = None
+        for spec in specs:
+            run = stack.enter_context(_CheckpointRun(manifest, spec, options))
+            try:
+                run.solve()
+            except Exception:
+                if pending is not None:
+                    yield pending.complete()
+                raise
+            if pending is not None:
+                yield pending.complete()
+            pending = run
+        if pending is not None:
+            yield pending.complete()
+
+
+class _CheckpointRun:
+    """One checkpoint through DESIGN.md §1: `solve` (open, embed, erase, audit, hand the new K/V
+    bytes to the writer), then `complete` (final headers, audit log, signature, promotion)."""
+
+    def __init__(self, manifest: Manifest, spec: CheckpointSpec, options: Options):
+        self.manifest, self.spec, self.options = manifest, spec, options
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+        self._stack = ExitStack()
+
+    def __enter__(self) -> "_CheckpointRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+
+    def _lap(self, name: str) -> None:
         now = time.perf_counter()
-        timings[name] = round(now - clock, 4)
-        clock = now
+        self.timings[name] = round(now - self._clock, 4)
+        self._clock = now
 
-    device = resolve_device(options.device)
-    ckpt = open_checkpoint(spec.path)
-    sets = manifest.sets_for(spec)
-    settings = [cs.settings() for cs in sets]
-    source_kv: dict[tuple[int, str], torch.Tensor] = {}
-    for i, wf in enumerate(ckpt.weight_files):
-        for key in wf.kv_keys:
-            w = read_tensor(wf.header, key)
-            erase.check_finite(w, f"{wf.header.path}: {key}")
-            source_kv[(i, key)] = w
-    with staged_output(manifest.output_dir, spec.name, options.overwrite) as staging, \
-            _ModelWriter(ckpt, spec, staging, settings, options) as writer:
+    def solve(self) -> None:
+        manifest, spec, options = self.manifest, self.spec, self.options
+        self.device = device = resolve_device(options.device)
+        self.ckpt = ckpt = open_checkpoint(spec.path)
+        sets = manifest.sets_for(spec)
+        self.settings = [cs.settings() for cs in sets]
+        source_kv: dict[tuple[int, str], torch.Tensor] = {}
+        for i, wf in enumerate(ckpt.weight_files):
+            for key in wf.kv_keys:
+                w = read_tensor(wf.header, key)
+                erase.check_finite(w, f"{wf.header.path}: {key}")
+                source_kv[(i, key)] = w
+        self.staging = self._stack.enter_context(staged_output(manifest.output_dir, spec.name, options.overwrite))
         # From here on the untouched bytes stream into place in the background.
+        self.writer = self._stack.enter_context(_ModelWriter(ckpt, spec, self.staging, self.settings, options))
         source_gram = erase.gram(source_kv.values())
-        lap("read_kv")
+        self._lap("read_kv")
 
         embedder = embedder_for(ckpt, spec.tokenizer, device, options.embedders)
-        lap("load_text_encoder")
+        self._lap("load_text_encoder")
         texts = _texts_of(sets)
         bar = _bar(options, total=len(texts), desc=f"{spec.name}: embedding texts", unit="text")
         emb = embedder.embed(texts, progress=bar.update if bar else None)
         if bar:
             bar.close()
-        lap("embed")
+        self._lap("embed")
 
         # Image smoke audit: source images first, so that select = "best" can score each round.
-        images = ImageAudit.begin(manifest.audit.images, ckpt, spec, device, lambda **kw: _bar(options, **kw))
-        lap("images_source")
+        self.images = images = ImageAudit.begin(manifest.audit.images, ckpt, spec, device,
+                                                lambda **kw: _bar(options, **kw))
+        self._lap("images_source")
 
         transform = torch.eye(ckpt.kv_width, dtype=torch.float64)
         solved: list[tuple[ConceptSet, ConceptSetMath, erase.SetResult]] = []
@@ -154,31 +198,39 @@ def sanitize_checkpoint(manifest: Manifest, spec: CheckpointSpec, options: Optio
             images.select_round(cs, result)  # select = "best": the round with the fewest nude images
             transform = result.transform
             solved.append((cs, math, result))
-        lap("erase")
+        self._lap("erase")
 
-        set_metrics = [audit_set(math, list(cs.preserve), {p: emb[p].rows for p in cs.probes},
-                                 transform, result.rounds, source_gram)
-                       for cs, math, result in solved]
-        gates = _evaluate_gates(manifest, set_metrics)
-        lap("audit")
-        gates += images.evaluate(transform)  # renders the final W·T; image gates join the others
-        lap("images_sanitized")
+        self.set_metrics = [audit_set(math, list(cs.preserve), {p: emb[p].rows for p in cs.probes},
+                                      transform, result.rounds, source_gram)
+                            for cs, math, result in solved]
+        self.gates = _evaluate_gates(manifest, self.set_metrics)
+        self._lap("audit")
+        self.gates += images.evaluate(transform)  # renders the final W·T; image gates join the others
+        self._lap("images_sanitized")
+        self.layer_change = self.writer.put_edits(transform, device, source_kv)
+        self._lap("apply")
 
-        summary = report.header_summary(set_metrics, gates)
-        sign_key = options.signing_key if all(g.passed for g in gates) else None
-        files, layer_change = writer.finish(transform, device, summary, source_kv,
-                                            hash_files=sign_key is not None)
-        lap("write")
-        audit = _audit_document(manifest, spec, ckpt, settings, set_metrics, layer_change, gates,
-                                files, timings, device, options.signing_key, sign_key)
-        audit["images"] = images.write(staging, files)  # checks the written K/V, PNGs, contact sheet
+    def complete(self) -> CheckpointResult:
+        manifest, spec, options = self.manifest, self.spec, self.options
+        self._clock = time.perf_counter()  # not the next checkpoint's solve, which ran meanwhile
+        summary = report.header_summary(self.set_metrics, self.gates)
+        sign_key = options.signing_key if all(g.passed for g in self.gates) else None
+        files = self.writer.finish(summary, hash_files=sign_key is not None)
+        self._lap("write")
+        staging = self.staging
+        audit = _audit_document(manifest, spec, self.ckpt, self.settings, self.set_metrics,
+                                self.layer_change, self.gates, files, self.timings, self.device,
+                                options.signing_key, sign_key)
+        audit["images"] = self.images.write(staging, files)  # checks the written K/V, PNGs, contact sheet
         report.write_audit(staging / "audit.json", audit)
         report.write_html(staging / "report.html", audit)
         if sign_key is not None:
             from .signing import sign_folder
-            sign_folder(staging, sign_key, f"{spec.name}.sig", known_sha256=writer.file_sha256)
-            lap("sign")
-    return CheckpointResult(spec.name, manifest.output_dir / spec.name, audit, gates, sign_key is not None)
+            sign_folder(staging, sign_key, f"{spec.name}.sig", known_sha256=self.writer.file_sha256)
+            self._lap("sign")
+        self._stack.close()  # promotes the staging folder into place
+        return CheckpointResult(spec.name, manifest.output_dir / spec.name, audit, self.gates,
+                                sign_key is not None)
 
 
 def _evaluate_gates(manifest: Manifest, metrics: list[SetMetrics]) -> list[gate_rules.Gate]:
@@ -262,19 +314,25 @@ class _ModelWriter:
             title=wf.header.metadata.get("modelspec.title", self.spec.name),
             concept_sets=self.settings, audit_summary=summary, date=self.date, **hashes)
 
-    def finish(self, transform: torch.Tensor, device: torch.device, summary: dict,
-               source_kv: dict[tuple[int, str], torch.Tensor], hash_files: bool,
-               ) -> tuple[list[dict], dict[str, float]]:
-        files, layer_change = [], {}
+    def put_edits(self, transform: torch.Tensor, device: torch.device,
+                  source_kv: dict[tuple[int, str], torch.Tensor]) -> dict[str, float]:
+        """W·T into every K/V tensor (EMA twins included); their relative change by name."""
+        layer_change = {}
         edit = erase.kv_edit(transform)  # one T (or its low-rank factors) for every K/V tensor
-        for index, wf, out_path, copy in self._copies:
+        for index, wf, _, copy in self._copies:
             for key in wf.kv_keys:
-                blob, change = _edited_bytes(wf, key, edit, device, source_kv[(index, key)])
+                blob, change = _edited_bytes(wf, key, edit, device, source_kv.pop((index, key)))
                 copy.put(key, blob)
                 layer_change[str(wf.relpath) + ":" + key if self.ckpt.is_folder else key] = change
             for twin in wf.ema_twins.values():
                 blob, layer_change[twin] = _edited_bytes(wf, twin, edit, device)
                 copy.put(twin, blob)
+        return layer_change
+
+    def finish(self, summary: dict, hash_files: bool) -> list[dict]:
+        """Final headers in place, files flushed and renamed; what audit.json records of each."""
+        files = []
+        for _, wf, out_path, copy in self._copies:
             result = copy.finish(lambda r, _wf=wf: self._metadata(_wf, summary, r), hash_file=hash_files)
             if result.file_sha256:
                 self.file_sha256[out_path] = result.file_sha256
@@ -287,7 +345,7 @@ class _ModelWriter:
                 "bytes": result.bytes_written,
             })
         self._stack.close()
-        return files, layer_change
+        return files
 
 
 def _copy_folder_rest(ckpt: Checkpoint, model_root: Path) -> None:

@@ -105,3 +105,34 @@ def test_checkpoints_sharing_a_text_encoder_share_embeddings(models, tmp_path):
     assert again is first and other is not first and len(shared) == 2
     assert set(again._cache) == {"nudity", " "}  # already embedded: no second forward pass
     assert not torch.equal(first.embed(["nudity"])["nudity"].rows, other.embed(["nudity"])["nudity"].rows)
+
+
+def test_pipelined_run_finishes_the_checkpoint_before_a_failing_one(models, tmp_path):
+    """Checkpoint k+1 is solved while k is still being written: a failure in k+1 must still
+    leave k complete and correct, and leave nothing of k+1 or of those after it."""
+    import hashlib
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from rece_tool.checkpoint.safetensors_format import read_header
+
+    good = models("fp16")
+    tensors = load_file(str(good))
+    key = next(k for k in tensors if k.endswith("attn2.to_k.weight"))
+    tensors[key][0, 0] = float("nan")
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad))
+    manifest = write_manifest(tmp_path, [("first", good), ("second", bad), ("third", good)], NUDITY)
+    r = run_cli("sanitize", str(manifest), "--quiet")
+    assert r.returncode == 2 and "non-finite" in r.stderr and key in r.stderr, r.stderr
+    assert "first:" in r.stderr  # its summary was printed before the failure was reported
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["first"]
+    audit = json.loads((out / "first" / "audit.json").read_text())
+    (entry,) = audit["output"]["files"]
+    written = out / "first" / entry["path"]
+    data = written.read_bytes()[read_header(written).data_start:]
+    assert entry["data_sha256"] == "0x" + hashlib.sha256(data).hexdigest()
+    assert not torch.equal(load_file(str(written))[key], load_file(str(good))[key])  # edited
