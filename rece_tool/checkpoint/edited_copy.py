@@ -207,16 +207,25 @@ class EditedCopy:
                 done += moved
                 if self._progress:
                     self._progress(moved)
+        # Start the disk writing now, on this thread, while the edit is still being solved:
+        # left to the kernel, the dirty pages would wait for `finish`'s fsync, idling the disk
+        # until then.
+        os.fdatasync(self._dst)
 
     def _hash_source(self) -> None:
         _hash_fd(self._src, 0, self.header.file_size, self._cancel, self._source_hash, self.header.path)
 
     def _hash_data(self) -> None:
         base = self.header.data_start
+        buf = bytearray(READ_CHUNK)
+        runs = iter(_untouched_runs(self.header, self._edited))
+        run = next(runs, None)
         for entry in self.header.entries_by_offset():
             if entry.name not in self._edited:
-                _hash_fd(self._src, base + entry.begin, base + entry.end, self._cancel,
-                         self._data_hash, self.header.path)
+                if run is not None and run[0] == entry.begin:  # a whole run of untouched tensors
+                    _hash_fd(self._src, base + run[0], base + run[1], self._cancel,
+                             self._data_hash, self.header.path, buf)
+                    run = next(runs, None)
                 continue
             with self._ready:
                 while entry.name not in self._pending and not self._cancel.is_set():
@@ -303,10 +312,10 @@ def _pad(header: bytes, size: int) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
-def _hash_fd(fd: int, begin: int, end: int, cancel: threading.Event, sha=None, path=None):
+def _hash_fd(fd: int, begin: int, end: int, cancel: threading.Event, sha=None, path=None,
+             buf: bytearray | None = None):
     sha = sha if sha is not None else hashlib.sha256()
-    buf = bytearray(READ_CHUNK)
-    view = memoryview(buf)
+    view = memoryview(buf if buf is not None else bytearray(READ_CHUNK))
     offset = begin
     while offset < end:
         if cancel.is_set():

@@ -241,9 +241,9 @@ def read_tensor(header: Header, name: str) -> torch.Tensor:
     """One tensor, read with pread into memory of its own (no mmap kept alive)."""
     entry = header.tensors[name]
     torch_dtype, _ = DTYPES[entry.dtype]
-    buf = bytearray(entry.nbytes)
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)  # uninitialised: every byte is read into it
     with open(header.path, "rb") as f:
-        view = memoryview(buf)
+        view = memoryview(buf.numpy())
         offset, done = header.data_start + entry.begin, 0
         while done < entry.nbytes:
             got = os.preadv(f.fileno(), [view[done:]], offset + done)
@@ -252,7 +252,7 @@ def read_tensor(header: Header, name: str) -> torch.Tensor:
             done += got
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=torch_dtype)
-    return torch.frombuffer(buf, dtype=torch_dtype).reshape(entry.shape)
+    return buf.view(torch_dtype).reshape(entry.shape)
 
 
 def read_tensors(header: Header, names: Iterable[str]) -> dict[str, torch.Tensor]:
