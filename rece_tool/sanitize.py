@@ -160,16 +160,17 @@ class _CheckpointRun:
         self.ckpt = ckpt = open_checkpoint(spec.path)
         sets = manifest.sets_for(spec)
         self.settings = [cs.settings() for cs in sets]
+        # Moved to the device once: the Gram matrix and W·T are both computed where they lie.
         source_kv: dict[tuple[int, str], torch.Tensor] = {}
         for i, wf in enumerate(ckpt.weight_files):
             for key in wf.kv_keys:
                 w = read_tensor(wf.header, key)
                 erase.check_finite(w, f"{wf.header.path}: {key}")
-                source_kv[(i, key)] = w
+                source_kv[(i, key)] = w.to(device)
         self.staging = self._stack.enter_context(staged_output(manifest.output_dir, spec.name, options.overwrite))
         # From here on the untouched bytes stream into place in the background.
         self.writer = self._stack.enter_context(_ModelWriter(ckpt, spec, self.staging, self.settings, options))
-        source_gram = erase.gram(source_kv.values())
+        source_gram = erase.gram(source_kv.values()).cpu()  # d×d: the rest of the math is small
         self._lap("read_kv")
 
         embedder = embedder_for(ckpt, spec.tokenizer, device, options.embedders)
@@ -261,10 +262,11 @@ def _edited_bytes(wf: WeightFile, key: str, edit: erase.KVEdit, device: torch.de
     if w is None:
         w = read_tensor(wf.header, key)
         erase.check_finite(w, f"{wf.header.path}: {key}")
-    new = edit.apply(w.to(device)).cpu()
+    w = w.to(device)
+    new = edit.apply(w)
     w64 = w.to(torch.float64)
     change = float(torch.linalg.norm(new.to(torch.float64) - w64) / max(float(torch.linalg.norm(w64)), 1e-300))
-    return tensor_bytes(new), change
+    return tensor_bytes(new.cpu()), change
 
 
 class _ModelWriter:
