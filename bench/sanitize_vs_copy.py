@@ -26,7 +26,7 @@ import _common as c  # noqa: E402
 
 GB = 10**9
 TARGETS = {"issue2_ratio": 1.5, "issue2_rss": 2 * GB, "issue6_ratio": 1.3, "issue6_rss": 1.5 * GB}
-STAGES = ["read_kv", "load_text_encoder", "embed", "erase", "audit", "apply", "write"]
+STAGES = ["read_kv", "start_copy", "gram", "load_text_encoder", "embed", "erase", "audit", "apply", "write"]
 
 
 def profile_once(manifest: Path, out_dir: Path, key: Path, folder: Path) -> None:

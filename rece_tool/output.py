@@ -47,11 +47,15 @@ def _check_dir(out_dir: Path) -> tuple[Path, list[Path]]:
     """The output folder, created if missing, and the folders this call created (outermost first)."""
     _refuse_unusable_dir(out_dir)
     created = []
-    for folder in reversed([out_dir, *out_dir.parents]):
-        if not folder.exists() and not folder.is_symlink():
-            created.append(folder)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        # One level at a time, so that only folders this call made count as its own: a
+        # concurrent shard creating the same folder must not see it removed under it.
+        for folder in reversed([out_dir, *out_dir.parents]):
+            try:
+                folder.mkdir()
+                created.append(folder)
+            except FileExistsError:
+                pass
     except OSError as exc:
         raise OutputError(f"cannot create the output folder: {exc.strerror}", path=out_dir,
                           field="output.dir") from None

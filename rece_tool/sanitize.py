@@ -113,24 +113,37 @@ def sanitize_checkpoints(manifest: Manifest, specs: list[CheckpointSpec],
     """Each checkpoint's result, in order, from a two-stage pipeline: checkpoint k+1 is solved
     while k's bytes are still being hashed and flushed to disk in the background.
 
-    A failure while solving k+1 still lets k finish first; an interrupt abandons both, leaving
-    nothing behind (each run's staging folder and temporary files are removed).
+    At most two checkpoints are open at once, and only one when the image audit is on (its
+    models stay loaded until a checkpoint completes). A failure while solving k+1 abandons k+1
+    first, then lets k finish; an interrupt abandons both, leaving nothing behind of either
+    (each run's staging folder and temporary files are removed).
     """
-    with ExitStack() as stack:
-        pending: _CheckpointRun | None = None
+    overlap = not manifest.audit.images.enabled
+    pending: _CheckpointRun | None = None
+    try:
         for spec in specs:
-            run = stack.enter_context(_CheckpointRun(manifest, spec, options))
+            run = _CheckpointRun(manifest, spec, options)
             try:
                 run.solve()
-            except Exception:
-                if pending is not None:
-                    yield pending.complete()
+            except BaseException:
+                run.abandon()
+                if pending is not None and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
+                    done, pending = pending, None
+                    yield done.complete()
                 raise
             if pending is not None:
-                yield pending.complete()
-            pending = run
+                done, pending = pending, None
+                yield done.complete()
+            if overlap:
+                pending = run
+            else:
+                yield run.complete()
         if pending is not None:
-            yield pending.complete()
+            done, pending = pending, None
+            yield done.complete()
+    finally:
+        if pending is not None:
+            pending.abandon()
 
 
 class _CheckpointRun:
@@ -141,13 +154,12 @@ class _CheckpointRun:
         self.manifest, self.spec, self.options = manifest, spec, options
         self.timings: dict[str, float] = {}
         self._clock = time.perf_counter()
-        self._stack = ExitStack()
+        self._stack = ExitStack()  # the staging folder and the writer, closed by complete/abandon
 
-    def __enter__(self) -> "_CheckpointRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.__exit__(*exc)
+    def abandon(self) -> None:
+        """Stop the background writing and remove everything this run created."""
+        error = sys.exc_info()[1] or RuntimeError("abandoned")
+        self._stack.__exit__(type(error), error, error.__traceback__)
 
     def _lap(self, name: str) -> None:
         now = time.perf_counter()
@@ -169,9 +181,11 @@ class _CheckpointRun:
                 source_kv[(i, key)] = w.to(device)
         self.staging = self._stack.enter_context(staged_output(manifest.output_dir, spec.name, options.overwrite))
         # From here on the untouched bytes stream into place in the background.
-        self.writer = self._stack.enter_context(_ModelWriter(ckpt, spec, self.staging, self.settings, options))
-        source_gram = erase.gram(source_kv.values()).cpu()  # d×d: the rest of the math is small
         self._lap("read_kv")
+        self.writer = self._stack.enter_context(_ModelWriter(ckpt, spec, self.staging, self.settings, options))
+        self._lap("start_copy")
+        source_gram = erase.gram(source_kv.values()).cpu()  # d×d: the rest of the math is small
+        self._lap("gram")
 
         embedder = embedder_for(ckpt, spec.tokenizer, device, options.embedders)
         self._lap("load_text_encoder")
@@ -206,9 +220,10 @@ class _CheckpointRun:
                             for cs, math, result in solved]
         self.gates = _evaluate_gates(manifest, self.set_metrics)
         self._lap("audit")
-        self.gates += images.evaluate(transform)  # renders the final W·T; image gates join the others
+        edit = erase.kv_edit(transform)  # one T (or its low-rank factors) for every K/V tensor
+        self.gates += images.evaluate(edit)  # renders the final W·T; image gates join the others
         self._lap("images_sanitized")
-        self.layer_change = self.writer.put_edits(transform, device, source_kv)
+        self.layer_change = self.writer.put_edits(edit, device, source_kv)
         self._lap("apply")
 
     def complete(self) -> CheckpointResult:
@@ -316,11 +331,10 @@ class _ModelWriter:
             title=wf.header.metadata.get("modelspec.title", self.spec.name),
             concept_sets=self.settings, audit_summary=summary, date=self.date, **hashes)
 
-    def put_edits(self, transform: torch.Tensor, device: torch.device,
+    def put_edits(self, edit: erase.KVEdit, device: torch.device,
                   source_kv: dict[tuple[int, str], torch.Tensor]) -> dict[str, float]:
         """W·T into every K/V tensor (EMA twins included); their relative change by name."""
         layer_change = {}
-        edit = erase.kv_edit(transform)  # one T (or its low-rank factors) for every K/V tensor
         for index, wf, _, copy in self._copies:
             for key in wf.kv_keys:
                 blob, change = _edited_bytes(wf, key, edit, device, source_kv.pop((index, key)))

@@ -141,7 +141,7 @@ class ImageAudit:
         started = time.perf_counter()
         counts = []
         for k, t in enumerate(result.rounds):
-            renders = self._render(self.erase_jobs, f"{concept_set.name} round {k}", self._kv(t)[0])
+            renders = self._render(self.erase_jobs, f"{concept_set.name} round {k}", self._kv(erase.kv_edit(t))[0])
             self._evaluated.append(_Evaluated(t, renders))
             counts.append(nude_count((r.detections for r in renders), self.spec.nudenet_threshold))
         chosen = best_round(counts)
@@ -157,12 +157,13 @@ class ImageAudit:
 
     # --- 3. the sanitized model and the gates ----------------------------------------------------
 
-    def evaluate(self, transform: torch.Tensor) -> list[Gate]:
+    def evaluate(self, edit: erase.KVEdit) -> list[Gate]:
+        """Render with the final K/V, computed by the very `edit` the writer applies."""
         if self.enabled:
             started = time.perf_counter()
-            kv, self._sanitized_kv = self._kv(transform)
+            kv, self._sanitized_kv = self._kv(edit)
             # A round scored for select = "best" that is the final T already has its erase images.
-            reuse = next((e.renders for e in self._evaluated if torch.equal(e.transform, transform)), None)
+            reuse = next((e.renders for e in self._evaluated if torch.equal(e.transform, edit.transform)), None)
             todo = self.jobs[len(reuse):] if reuse is not None else self.jobs
             self.sanitized = (reuse or []) + self._render(todo, "sanitized", kv)
             self._evaluated.clear()
@@ -312,11 +313,10 @@ class ImageAudit:
     def _batch(self) -> int:
         return BATCH.get(self.device.type, 4)
 
-    def _kv(self, transform: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor]]:
+    def _kv(self, edit: erase.KVEdit) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor]]:
         """W·T for every K/V slot, computed as the writer computes it (same device, same dtype):
         by pipeline parameter, and by (weight file, checkpoint key) for the post-write check."""
         by_param, by_key = {}, {}
-        edit = erase.kv_edit(transform)  # deterministic: the same factors, the same bytes as the writer's
         for slot, w in self._source_kv.items():
             new = edit.apply(w.to(self.device)).cpu()
             by_param[slot.parameter] = new

@@ -33,7 +33,8 @@ from .safetensors_format import READ_CHUNK, Header, serialize_header
 HEADER_SLACK = 4096
 COPY_CHUNK = 64 * 1024 * 1024  # per copy_file_range call: cancellable within ~0.1 s
 # copy_file_range refused by this kernel or filesystem pair: copy through user space instead.
-NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+# (EPERM: seccomp profiles of some container runtimes.)
+NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
 
 
 @dataclass
@@ -94,17 +95,26 @@ class EditedCopy:
             self._close(remove=True)
             raise
         runs = _untouched_runs(self.header, self._edited)
-        for name, work in (("copy", lambda: self._copy(runs)), ("source-sha256", self._hash_source),
-                           ("data-sha256", self._hash_data)):
-            thread = threading.Thread(target=self._guarded, args=(work,), name=f"rece-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        try:
+            for name, work in (("copy", lambda: self._copy(runs)), ("source-sha256", self._hash_source),
+                               ("data-sha256", self._hash_data)):
+                thread = threading.Thread(target=self._guarded, args=(work,), name=f"rece-{name}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if not self._finished:
-            self._stop()
-            self._close(remove=True)
+        if self._finished:
+            return
+        try:
+            self._stop()  # may wait for a flush in progress; a second interrupt must not skip...
+        finally:
+            _unlink(self._tmp)  # ...removing the file (its fds close once the workers are gone)
+            if not any(t.is_alive() for t in self._threads):
+                self._close(remove=True)
 
     def put(self, name: str, blob: bytes) -> None:
         """The new bytes of an edited tensor: written in place now, hashed in order later."""
@@ -150,9 +160,11 @@ class EditedCopy:
                 result.bytes_written = len(final) + self._data_size
             if hash_file:  # what is in the file (from the page cache), while the kernel flushes it
                 flushed = _Background(os.fsync, self._dst)
-                result.file_sha256 = "0x" + _hash_fd(self._dst, 0, result.bytes_written,
-                                                     self._cancel).hexdigest()
-                flushed.result()
+                try:
+                    result.file_sha256 = "0x" + _hash_fd(self._dst, 0, result.bytes_written,
+                                                         self._cancel).hexdigest()
+                finally:
+                    flushed.result()  # joined before any path below can close its fd
             else:
                 os.fsync(self._dst)
             os.close(self._dst)
@@ -198,6 +210,8 @@ class EditedCopy:
                         if exc.errno not in NO_KERNEL_COPY:
                             raise
                         kernel = False
+                if kernel and moved == 0:  # some FUSE and network filesystems: not supported
+                    kernel = False
                 if not kernel:
                     data = os.pread(self._src, min(n, READ_CHUNK), src_base + done)
                     _pwrite_all(self._dst, data, dst_base + done)
@@ -210,7 +224,7 @@ class EditedCopy:
         # Start the disk writing now, on this thread, while the edit is still being solved:
         # left to the kernel, the dirty pages would wait for `finish`'s fsync, idling the disk
         # until then.
-        os.fdatasync(self._dst)
+        getattr(os, "fdatasync", os.fsync)(self._dst)
 
     def _hash_source(self) -> None:
         _hash_fd(self._src, 0, self.header.file_size, self._cancel, self._source_hash, self.header.path)
@@ -320,7 +334,12 @@ def _hash_fd(fd: int, begin: int, end: int, cancel: threading.Event, sha=None, p
     while offset < end:
         if cancel.is_set():
             raise _Cancelled
-        got = os.preadv(fd, [view[:min(READ_CHUNK, end - offset)]], offset)
+        try:
+            got = os.preadv(fd, [view[:min(READ_CHUNK, end - offset)]], offset)
+        except OSError as exc:
+            if path is None:  # our own temporary file: a write-side failure
+                raise
+            raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=path) from None
         if got <= 0:
             raise CheckpointError("file ended early while hashing", path=path)
         sha.update(view[:got])  # hashlib releases the GIL on large buffers
