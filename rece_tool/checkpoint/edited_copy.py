@@ -23,6 +23,7 @@ import errno
 import hashlib
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Mapping
@@ -81,19 +82,17 @@ class EditedCopy:
     # --- lifecycle ------------------------------------------------------------------------
 
     def __enter__(self) -> "EditedCopy":
-        try:
-            self._src = os.open(self.header.path, os.O_RDONLY)
-            self._snapshot = _identity(os.fstat(self._src))
-            if os.pread(self._src, self.header.data_start, 0) != self.header.raw:
+        with self._removed_on_failure():
+            try:
+                self._src = os.open(self.header.path, os.O_RDONLY)
+                self._snapshot = _identity(os.fstat(self._src))
+                prefix = os.pread(self._src, self.header.data_start, 0)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read: {exc.strerror or exc}", path=self.header.path) from None
+            if prefix != self.header.raw:
                 raise CheckpointError("changed while being read", path=self.header.path)
             self._dst = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             os.ftruncate(self._dst, self._reserved + self._data_size)
-        except OSError as exc:
-            self._close(remove=True)
-            raise self._write_failure(exc) from exc
-        except BaseException:
-            self._close(remove=True)
-            raise
         runs = _untouched_runs(self.header, self._edited)
         try:
             for name, work in (("copy", lambda: self._copy(runs)), ("source-sha256", self._hash_source),
@@ -145,7 +144,7 @@ class EditedCopy:
         for thread in self._threads:
             thread.join()
         self._raise_worker_error()
-        try:
+        with self._removed_on_failure():
             if _identity(os.fstat(self._src)) != self._snapshot or \
                     _identity(os.stat(self.header.path)) != self._snapshot:
                 raise CheckpointError("changed while being read", path=self.header.path)
@@ -170,12 +169,6 @@ class EditedCopy:
             os.close(self._dst)
             self._dst = -1
             os.replace(self._tmp, self.out_path)
-        except OSError as exc:
-            self._close(remove=True)
-            raise self._write_failure(exc) from exc
-        except BaseException:
-            self._close(remove=True)
-            raise
         self._finished = True
         self._close(remove=False)
         return result
@@ -250,6 +243,18 @@ class EditedCopy:
             self._data_hash.update(blob)
 
     # --- helpers --------------------------------------------------------------------------
+
+    @contextmanager
+    def _removed_on_failure(self):
+        """Any failure closes the files and removes the temporary; OS errors become WriteFailure."""
+        try:
+            yield
+        except OSError as exc:
+            self._close(remove=True)
+            raise self._write_failure(exc) from exc
+        except BaseException:
+            self._close(remove=True)
+            raise
 
     def _rewrite_with(self, final: bytes) -> None:
         """The final header outgrew its reservation: copy the data behind a header of its own size."""
