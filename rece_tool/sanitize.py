@@ -120,27 +120,29 @@ def sanitize_checkpoints(manifest: Manifest, specs: list[CheckpointSpec],
     """
     overlap = not manifest.audit.images.enabled
     pending: _CheckpointRun | None = None
+
+    def complete_pending() -> CheckpointResult:
+        nonlocal pending
+        done, pending = pending, None  # completed or failed, it is no longer ours to abandon
+        return done.complete()
+
     try:
         for spec in specs:
             run = _CheckpointRun(manifest, spec, options)
             try:
                 run.solve()
-            except BaseException:
+            except BaseException as exc:
                 run.abandon()
-                if pending is not None and not isinstance(sys.exc_info()[1], KeyboardInterrupt):
-                    done, pending = pending, None
-                    yield done.complete()
+                if pending is not None and not isinstance(exc, KeyboardInterrupt):
+                    yield complete_pending()
                 raise
             if pending is not None:
-                done, pending = pending, None
-                yield done.complete()
-            if overlap:
-                pending = run
-            else:
-                yield run.complete()
+                yield complete_pending()
+            pending = run
+            if not overlap:
+                yield complete_pending()
         if pending is not None:
-            done, pending = pending, None
-            yield done.complete()
+            yield complete_pending()
     finally:
         if pending is not None:
             pending.abandon()
@@ -229,22 +231,22 @@ class _CheckpointRun:
     def complete(self) -> CheckpointResult:
         manifest, spec, options = self.manifest, self.spec, self.options
         self._clock = time.perf_counter()  # not the next checkpoint's solve, which ran meanwhile
-        summary = report.header_summary(self.set_metrics, self.gates)
-        sign_key = options.signing_key if all(g.passed for g in self.gates) else None
-        files = self.writer.finish(summary, hash_files=sign_key is not None)
-        self._lap("write")
-        staging = self.staging
-        audit = _audit_document(manifest, spec, self.ckpt, self.settings, self.set_metrics,
-                                self.layer_change, self.gates, files, self.timings, self.device,
-                                options.signing_key, sign_key)
-        audit["images"] = self.images.write(staging, files)  # checks the written K/V, PNGs, contact sheet
-        report.write_audit(staging / "audit.json", audit)
-        report.write_html(staging / "report.html", audit)
-        if sign_key is not None:
-            from .signing import sign_folder
-            sign_folder(staging, sign_key, f"{spec.name}.sig", known_sha256=self.writer.file_sha256)
-            self._lap("sign")
-        self._stack.close()  # promotes the staging folder into place
+        with self._stack:  # on success promotes the staging folder into place, on failure removes it
+            summary = report.header_summary(self.set_metrics, self.gates)
+            sign_key = options.signing_key if all(g.passed for g in self.gates) else None
+            files = self.writer.finish(summary, hash_files=sign_key is not None)
+            self._lap("write")
+            staging = self.staging
+            audit = _audit_document(manifest, spec, self.ckpt, self.settings, self.set_metrics,
+                                    self.layer_change, self.gates, files, self.timings, self.device,
+                                    options.signing_key, sign_key)
+            audit["images"] = self.images.write(staging, files)  # checks the written K/V, PNGs, contact sheet
+            report.write_audit(staging / "audit.json", audit)
+            report.write_html(staging / "report.html", audit)
+            if sign_key is not None:
+                from .signing import sign_folder
+                sign_folder(staging, sign_key, f"{spec.name}.sig", known_sha256=self.writer.file_sha256)
+                self._lap("sign")
         return CheckpointResult(spec.name, manifest.output_dir / spec.name, audit, self.gates,
                                 sign_key is not None)
 

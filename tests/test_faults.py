@@ -377,3 +377,23 @@ def test_destination_is_checked_before_any_work(tmp_path):
     output.check_destination(tmp_path / "out", "m", overwrite=True)
     output.check_destination(tmp_path / "new" / "deeper", "m", overwrite=False)
     assert entries(tmp_path) == before
+
+
+def test_a_failure_while_completing_leaves_nothing(models, tmp_path):
+    """complete() runs after solve() returned (the pipeline may have moved on to the next
+    checkpoint): a failure there must still remove the staging folder, lock and temporaries."""
+    from rece_tool import manifest as manifest_mod
+    from rece_tool.errors import CheckpointError
+    from rece_tool.sanitize import Options, _CheckpointRun
+
+    src = tmp_path / "model.safetensors"
+    shutil.copyfile(models("fp16"), src)
+    manifest, out = workspace(tmp_path, src)
+    m = manifest_mod.load(manifest)
+    run = _CheckpointRun(m, m.checkpoints[0], Options(device="cpu", quiet=True))
+    run.solve()
+    with open(src, "ab") as f:  # the source changes before its copy is finished
+        f.write(b"\0" * 8)
+    with pytest.raises(CheckpointError, match="changed while being read"):
+        run.complete()
+    assert entries(out) == []
