@@ -31,20 +31,21 @@ def set_metrics_dict(m: SetMetrics) -> dict:
     }
 
 
+HEADER_SUMMARY_METRICS = ("max_erase_residual", "max_attack_recovery", "max_preserve_drift")
+
+
 def header_summary(metrics: list[SetMetrics], gates: list[Gate]) -> dict:
     """The short audit summary carried in the model's own header (deterministic)."""
     return {
-        "sets": {m.name: {"max_erase_residual": round(m.max_erase_residual, 9),
-                          "max_attack_recovery": round(m.max_attack_recovery, 9),
-                          "max_preserve_drift": round(m.max_preserve_drift, 9)} for m in metrics},
+        "sets": {m.name: {k: round(getattr(m, k), 9) for k in HEADER_SUMMARY_METRICS} for m in metrics},
         "gates_passed": all(g.passed for g in gates),
     }
 
 
 def header_summary_placeholder(set_names: list[str]) -> dict:
     """A summary of `header_summary`'s shape, for reserving the header before the audit ran."""
-    metrics = ("max_erase_residual", "max_attack_recovery", "max_preserve_drift")
-    return {"sets": {name: dict.fromkeys(metrics, 0.0) for name in set_names}, "gates_passed": False}
+    return {"sets": {name: dict.fromkeys(HEADER_SUMMARY_METRICS, 0.0) for name in set_names},
+            "gates_passed": False}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
