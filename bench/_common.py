@@ -186,16 +186,14 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
-def result_line(name: str, measured: str, target: str, passed: bool) -> str:
-    line = f"RESULT {name}: measured {measured} (target {target}) {'PASS' if passed else 'MISS'}"
-    print(line, flush=True)
-    return line
-
-
-def write_results_json(path: str | None, results: list[dict]) -> None:
-    """Machine-readable copy of the RESULT lines (for run_all.py)."""
-    if path:
-        Path(path).write_text(json.dumps(results, indent=2))
+def report(results: list[dict], json_path: str | None) -> None:
+    """A `RESULT name: measured X (target Y) PASS|MISS` line per result, and the same as JSON
+    at `json_path` when given (for run_all.py)."""
+    for r in results:
+        print(f"RESULT {r['name']}: measured {r['measured']} (target {r['target']}) "
+              f"{'PASS' if r['pass'] else 'MISS'}", flush=True)
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2))
 
 
 def bench_tmpdir(prefix: str) -> tempfile.TemporaryDirectory:

@@ -184,9 +184,7 @@ def main() -> int:
     res = [{"name": "artist_preset embed+edit (1,734 preserve texts)",
             "measured": f"{total:.1f} s ({base / total:.0f}x faster than the extrapolated research flow, {base / 3600:.1f} h)",
             "target": f"<= {TARGET_S:.0f} s", "pass": total <= TARGET_S}]
-    for r in res:
-        c.result_line(r["name"], r["measured"], r["target"], r["pass"])
-    c.write_results_json(args.json, res)
+    c.report(res, args.json)
     return 0
 
 

@@ -175,9 +175,7 @@ def main() -> int:
         results.append({"name": f"edit_math {fam}", "measured": f"{prod:.3f} s ({base / prod:.0f}x faster than "
                         f"{'extrapolated ' if sample else ''}baseline {base:.1f} s)",
                         "target": f"<= {TARGET_S[fam]} s", "pass": prod <= TARGET_S[fam]})
-    for r in results:
-        c.result_line(r["name"], r["measured"], r["target"], r["pass"])
-    c.write_results_json(args.json, results)
+    c.report(results, args.json)
     return 0
 
 

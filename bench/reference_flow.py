@@ -163,9 +163,7 @@ def main() -> int:
         c.say(f"  ratio reference / product: {ratio:.1f}x")
     res = [{"name": "reference_flow speed-up", "measured": f"{ratio:.1f}x (reference {r.seconds:.1f} s, "
             f"product {p:.1f} s)", "target": f">= {TARGET:.0f}x", "pass": ratio >= TARGET}]
-    for x in res:
-        c.result_line(x["name"], x["measured"], x["target"], x["pass"])
-    c.write_results_json(args.json, res)
+    c.report(res, args.json)
     return 0
 
 

@@ -162,9 +162,7 @@ def main() -> int:
         results.append({"name": "issue6 sanitize peak RSS (signing on)", "measured": f"{rss_si / GB:.2f} GB",
                         "target": "<= 1.5 GB", "pass": rss_si <= TARGETS["issue6_rss"]})
         c.say(f"  (copy baseline peak RSS {max(rss['copy']) / 2**20:.0f} MiB)")
-    for r in results:
-        c.result_line(r["name"], r["measured"], r["target"], r["pass"])
-    c.write_results_json(args.json, results)
+    c.report(results, args.json)
     return 0
 
 
