@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from . import __version__
-from .checkpoint.safetensors_format import READ_CHUNK, header_sha256
+from .checkpoint.safetensors_format import file_sha256, header_sha256
 from .manifest import CheckpointSpec, Manifest
 
 
@@ -28,15 +28,6 @@ def run_fingerprint(manifest: Manifest, spec: CheckpointSpec) -> str:
     }
     text = json.dumps(doc, sort_keys=True, default=str, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """"0x" + sha256 of a whole file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
-    return "0x" + h.hexdigest()
 
 
 def already_done(manifest: Manifest, spec: CheckpointSpec, will_sign: bool) -> str | None:

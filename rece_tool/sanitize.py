@@ -23,12 +23,12 @@ from .audit.images import ImageAudit
 from .audit.weights import SetMetrics, audit_set
 from .checkpoint.layout import Checkpoint, WeightFile, open_checkpoint
 from .checkpoint.edited_copy import EditedCopy, StreamResult
-from .checkpoint.safetensors_format import header_sha256, read_tensor, tensor_bytes
+from .checkpoint.safetensors_format import file_sha256, header_sha256, read_tensor, tensor_bytes
 from .erase import ConceptSetMath, EraseTarget
 from .errors import BadInput, NumericError
 from .manifest import CheckpointSpec, ConceptSet, Manifest
 from .output import copy_file, staged_output
-from .resume import file_sha256, run_fingerprint
+from .resume import run_fingerprint
 from .text import Embedding, embedder_for
 
 AUDIT_SCHEMA_VERSION = 1

@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint.safetensors_format import READ_CHUNK, read_header
+from .checkpoint.safetensors_format import file_sha256, read_header
 from .errors import BadInput, CheckpointError
 from .signing import SIGNATURE_SUFFIX, SignatureInvalid, verify_folder
 
@@ -62,12 +62,8 @@ def _signature_name(folder: Path) -> str:
 
 def _data_sha256(path: Path) -> tuple[str, str, dict]:
     header = read_header(path)
-    with open(path, "rb") as f:
-        head = f.read(header.data_start)
-        h = hashlib.sha256()
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
-    return "0x" + hashlib.sha256(head).hexdigest(), "0x" + h.hexdigest(), header.metadata
+    return ("0x" + hashlib.sha256(header.raw).hexdigest(), file_sha256(path, header.data_start),
+            header.metadata)
 
 
 def verify_output(folder: Path, public_key: Path) -> VerifyOutcome:

@@ -7,23 +7,15 @@ explicitly: transformers 5's default CLIP image processor wants torchvision.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..checkpoint.safetensors_format import file_sha256
 from ..errors import BadInput
 
 WEIGHT_FILES = ("model.safetensors",)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "0x" + h.hexdigest()
 
 
 class ClipScorer:
@@ -44,7 +36,7 @@ class ClipScorer:
         weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
         self.metadata = {
             "model": str(folder), "class": type(self.model).__name__,
-            "weights_sha256": _file_sha256(weights) if weights else None,
+            "weights_sha256": file_sha256(weights) if weights else None,
             "score": "100 * max(cos(image embedding, prompt embedding), 0)",
         }
 

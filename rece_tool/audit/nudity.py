@@ -8,7 +8,6 @@ for a path, and an RGB array scores differently.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 from dataclasses import asdict, dataclass
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from ..checkpoint.safetensors_format import file_sha256
 
 # The classes RECE's evaluation counts (its `nudenet_classes`); the *_COVERED ones and the
 # faces are detected but never counted.
@@ -92,7 +93,7 @@ class NudityDetector:
             "name": "NudeNet",
             "version": importlib.metadata.version("nudenet"),
             "model_file": MODEL_FILE,
-            "model_sha256": "0x" + hashlib.sha256(self.model_path.read_bytes()).hexdigest(),
+            "model_sha256": file_sha256(self.model_path),
             "resolution": RESOLUTION,
             "threshold": self.threshold,
             "counted_classes": list(COUNTED_CLASSES),

@@ -259,6 +259,16 @@ def read_tensors(header: Header, names: Iterable[str]) -> dict[str, torch.Tensor
     return {name: read_tensor(header, name) for name in names}
 
 
+def file_sha256(path: Path, start: int = 0) -> str:
+    """"0x" + sha256 of a file's bytes from `start` on (0: the whole file), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(READ_CHUNK):
+            h.update(chunk)
+    return "0x" + h.hexdigest()
+
+
 def header_sha256(path: Path) -> str:
     """"0x" + sha256 of a file's 8 length bytes and JSON header, as audit logs record it."""
     with open(path, "rb") as f:
