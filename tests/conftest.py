@@ -72,6 +72,15 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
                           text=True, env=full_env, timeout=timeout)
 
 
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two state dicts with the same keys, shapes and (unless on the meta device) values."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        if a[k].device.type != "meta":
+            assert torch.equal(a[k], b[k]), k
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     if path.is_dir():

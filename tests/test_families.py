@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import oracle
-from conftest import run_cli, write_manifest
+from conftest import assert_same_state, run_cli, write_manifest
 from rece_tool import erase, tiny
 from rece_tool._cli import main as cli_main
 from rece_tool.checkpoint.families import FAMILY_BY_NAME
@@ -294,14 +294,6 @@ def test_real_configs_share_of_unet_modified(family):
 
 # ---- the tiny builders' key mappings, checked against diffusers' own converters --------------------
 
-def _assert_same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        if a[k].device.type != "meta":
-            assert torch.equal(a[k], b[k]), k
-
-
 @pytest.mark.parametrize("family, full_size, n_keys", [
     ("sd2", False, None), ("sdxl", False, None), ("sd2", True, 686), ("sdxl", True, 1680)])
 def test_unet_ldm_mapping_round_trips_through_diffusers(family, full_size, n_keys):
@@ -311,7 +303,7 @@ def test_unet_ldm_mapping_round_trips_through_diffusers(family, full_size, n_key
     config = spec.full_unet_config if full_size else spec.unet_config
     sd = _meta_unet(config).state_dict() if full_size else tiny.build_components(family)["unet"].state_dict()
     ldm = tiny.unet_to_ldm(sd, config)
-    _assert_same(convert_ldm_unet_checkpoint(ldm, config), sd)
+    assert_same_state(convert_ldm_unet_checkpoint(ldm, config), sd)
     assert n_keys is None or len(ldm) == n_keys  # the UNet tensors of the real releases
     if family == "sdxl":
         assert "model.diffusion_model.label_emb.0.0.weight" in ldm and "model.diffusion_model.label_emb.0.2.bias" in ldm
@@ -336,7 +328,7 @@ def test_open_clip_mapping_round_trips_through_diffusers(family):
     if family == "sd2":  # diffusers keeps 23 of 24 blocks, no projection, in a CLIPTextModel
         back = {k.removeprefix("text_model."): v for k, v in back.items()}
         assert len({k.split(".")[2] for k in back if k.startswith("encoder.layers.")}) == 23
-    _assert_same(back, expected)
+    assert_same_state(back, expected)
 
 
 @pytest.mark.parametrize("config, root, n_keys", [

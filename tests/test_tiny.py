@@ -22,6 +22,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from conftest import assert_same_state
 from rece_tool import tiny
 
 
@@ -38,14 +39,6 @@ def diffusers_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ema_file(tmp_path_factory):
     return tiny.write_sd1_single_file(tmp_path_factory.mktemp("s") / "tiny-ema.safetensors", seed=0, ema=True)
-
-
-def _assert_same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        if a[k].device.type != "meta":
-            assert torch.equal(a[k], b[k]), k
 
 
 def _to_diffusers_text(ldm: dict) -> dict:
@@ -84,14 +77,14 @@ def test_unet_round_trip(comps):
     sd = comps["unet"].state_dict()
     ldm = tiny.unet_to_ldm(sd, tiny.TINY_UNET_CONFIG)
     assert all(k.startswith("model.diffusion_model.") for k in ldm)
-    _assert_same(convert_ldm_unet_checkpoint(ldm, tiny.TINY_UNET_CONFIG), sd)
+    assert_same_state(convert_ldm_unet_checkpoint(ldm, tiny.TINY_UNET_CONFIG), sd)
 
 
 def test_vae_round_trip(comps):
     sd = comps["vae"].state_dict()
     ldm = tiny.vae_to_ldm(sd, tiny.TINY_VAE_CONFIG)
     assert ldm["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # LDM: 1x1 conv
-    _assert_same(convert_ldm_vae_checkpoint(ldm, tiny.TINY_VAE_CONFIG), sd)
+    assert_same_state(convert_ldm_vae_checkpoint(ldm, tiny.TINY_VAE_CONFIG), sd)
 
 
 @pytest.mark.parametrize("old_layout", [False, True])
@@ -105,7 +98,7 @@ def test_text_round_trip(comps, old_layout):
         back = {k.removeprefix("cond_stage_model.transformer."): v for k, v in ldm.items()}
     else:
         back = _to_diffusers_text(ldm)
-    _assert_same(back, sd)
+    assert_same_state(back, sd)
     # Keys that still carry transformers' older "text_model." level map to the same names.
     assert tiny.text_to_ldm({"text_model." + k: v for k, v in sd.items()}, old_layout) == ldm
 
@@ -135,8 +128,8 @@ def test_full_size_mapping_on_meta_device():
     assert v["first_stage_model.encoder.mid.attn_1.q.weight"].shape == (512, 512, 1, 1)
     assert "first_stage_model.decoder.up.3.upsample.conv.weight" in v
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in t
-    _assert_same(convert_ldm_unet_checkpoint(u, tiny.SD15_UNET_CONFIG), unet.state_dict())
-    _assert_same(convert_ldm_vae_checkpoint(v, tiny.SD15_VAE_CONFIG), vae.state_dict())
+    assert_same_state(convert_ldm_unet_checkpoint(u, tiny.SD15_UNET_CONFIG), unet.state_dict())
+    assert_same_state(convert_ldm_vae_checkpoint(v, tiny.SD15_VAE_CONFIG), vae.state_dict())
 
 
 def test_unmapped_key_is_an_error():
@@ -154,7 +147,7 @@ def test_single_file_loads_offline_in_diffusers(ema_file, diffusers_folder, comp
         str(ema_file), config=str(diffusers_folder), local_files_only=True
     )
     for name in ("unet", "vae", "text_encoder"):
-        _assert_same(getattr(pipe, name).state_dict(), comps[name].state_dict())
+        assert_same_state(getattr(pipe, name).state_dict(), comps[name].state_dict())
     assert pipe.safety_checker is None
 
 
