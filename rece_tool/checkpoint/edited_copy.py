@@ -66,6 +66,7 @@ class EditedCopy:
         self._reserved = len(serialize_header(header, placeholder)) + slack
         self._reserved += -self._reserved % 8
         self._data_size = header.file_size - header.data_start
+        self._runs = _untouched_runs(header, self._edited)  # what the copy and the data hash read
         self._progress = progress
         self._tmp = self.out_path.with_name(f".{self.out_path.name}.{os.getpid()}.tmp")
         self._pending: dict[str, bytes] = {}
@@ -93,9 +94,8 @@ class EditedCopy:
                 raise CheckpointError("changed while being read", path=self.header.path)
             self._dst = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             os.ftruncate(self._dst, self._reserved + self._data_size)
-        runs = _untouched_runs(self.header, self._edited)
         try:
-            for name, work in (("copy", lambda: self._copy(runs)), ("source-sha256", self._hash_source),
+            for name, work in (("copy", self._copy), ("source-sha256", self._hash_source),
                                ("data-sha256", self._hash_data)):
                 thread = threading.Thread(target=self._guarded, args=(work,), name=f"rece-{name}", daemon=True)
                 thread.start()
@@ -186,10 +186,10 @@ class EditedCopy:
             with self._ready:
                 self._ready.notify_all()
 
-    def _copy(self, runs: list[tuple[int, int]]) -> None:
+    def _copy(self) -> None:
         src_base, dst_base = self.header.data_start, self._reserved
         kernel = hasattr(os, "copy_file_range")
-        for begin, end in runs:
+        for begin, end in self._runs:
             done = begin
             while done < end:
                 if self._cancel.is_set():
@@ -225,7 +225,7 @@ class EditedCopy:
     def _hash_data(self) -> None:
         base = self.header.data_start
         buf = bytearray(READ_CHUNK)
-        runs = iter(_untouched_runs(self.header, self._edited))
+        runs = iter(self._runs)
         run = next(runs, None)
         for entry in self.header.entries_by_offset():
             if entry.name not in self._edited:
